@@ -1,0 +1,1 @@
+"""The Celery side of the policy manager: operations, store, scheduler, CLI."""

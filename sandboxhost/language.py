@@ -280,7 +280,8 @@ def _logical_lines(text: str, report: _Report) -> list[_Line]:
         start = current[0].start if current else (row, col)
         report.add(start[0], start[1] + 1, what)
     except SyntaxError as exc:
-        report.add(exc.lineno or 1, exc.offset or 1, exc.msg)
+        # tokenize reports 0-based columns, unlike the compiler.
+        report.add(exc.lineno or 1, (exc.offset or 0) + 1, exc.msg)
     return lines
 
 
@@ -482,7 +483,7 @@ class _Checker:
         elif kind is ast.Attribute:
             problem = name_problem(node.attr, attribute=True)
             if problem:
-                self.error(node, problem)
+                self.error(_AttributeName(node), problem)
         elif kind is ast.keyword and node.arg is not None:
             problem = name_problem(node.arg)
             if problem:
@@ -506,6 +507,16 @@ class _Checker:
             elif node.id not in self.api:
                 self.error(node, f"{node.id!r} is not available in the"
                            f" {self.section} section")
+
+
+class _AttributeName:
+    """Where the name of an attribute starts, for a precise column."""
+
+    def __init__(self, node: ast.Attribute):
+        self.lineno = node.end_lineno
+        self.col_offset = node.end_col_offset - len(node.attr.encode())
+        if node.end_lineno != node.lineno or self.col_offset < 0:
+            self.lineno, self.col_offset = node.lineno, node.col_offset
 
 
 def _too_deep(root: ast.AST) -> ast.AST | None:

@@ -1,0 +1,272 @@
+"""The whitelisted calls a policy child may make, and their validation.
+
+A child may be hostile, so nothing it sends is trusted: every call is
+checked here against the vocabulary (``OPS``), each argument's type and
+bounds, before the cluster, the stats store or the mailer sees it. The
+checks are the same whether the cluster is real or simulated, so a policy
+behaves the same under ``cmpolicy try``, the pytest plugin and production.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import math
+import re
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+from zoneinfo import ZoneInfo
+
+from sandboxhost.errors import OperationError
+from sandboxhost.namespace import (
+    MAX_NAME_CHARS,
+    MAX_NAMES,
+    OPS,
+    RATE_LIMIT_RE,
+    STATES,
+    STATS_FUNCTIONS,
+    TASK_SETTINGS,
+)
+
+from manager.errors import ClusterError, OperationRefused
+
+logger = logging.getLogger(__name__)
+
+WORKER_COUNTERS = ("prefetch", "subprocesses")
+WORKER_READINGS = WORKER_COUNTERS + ("queues",)
+QUEUE_ACTIONS = ("add", "remove")
+MAX_STEP = 64
+MAX_TEXT_CHARS = 64 * 1024
+QUEUE_NAME_RE = re.compile(r"^[A-Za-z0-9_.:@-]{1,255}$")
+
+
+class Cluster(Protocol):
+    """What the operations need from a cluster, real or simulated.
+
+    ``workers`` and ``tasks`` arguments are lists of names, or None for
+    all. Changes return ``{worker: new value}`` for every worker that
+    applied them; a worker that did not is an error naming it.
+    """
+
+    def worker_names(self) -> list[str]: ...
+
+    def get_task_setting(self, task: str, setting: str) -> Any: ...
+
+    def set_task_setting(self, tasks: list[str] | None, setting: str,
+                         value: Any) -> dict[str, Any]: ...
+
+    def get_worker(self, worker: str, what: str) -> Any: ...
+
+    def change_worker(self, workers: list[str] | None, what: str,
+                      by: int) -> dict[str, int]: ...
+
+    def change_queues(self, workers: list[str] | None, action: str,
+                      queue: str) -> dict[str, list[str]]: ...
+
+    def queue_length(self, queue: str) -> int: ...
+
+
+class StatsSource(Protocol):
+    """Counts and means over recorded tasks (see ``manager.stats``)."""
+
+    def query(self, fn: str, start: float | None, end: float | None,
+              workers: list[str] | None, tasknames: list[str] | None,
+              states: list[str] | None) -> float | int | None: ...
+
+
+class Mailer(Protocol):
+    """Sends (or, in a dry run, records) a policy's email."""
+
+    def send(self, *, subject: str, message: str, from_email: str,
+             recipient_list: list[str], auth_user: str | None,
+             auth_password: str | None) -> Any: ...
+
+
+@dataclass
+class Operations:
+    """Serves a child's calls: validate, then perform. One per run."""
+
+    cluster: Cluster
+    stats: StatsSource
+    mailer: Mailer | None = None
+    timezone: dt.tzinfo = field(default_factory=lambda: ZoneInfo("UTC"))
+    policy: str = ""
+
+    def __call__(self, op: str, args: dict) -> Any:
+        """The host's call handler: returns a value or raises OperationError."""
+        try:
+            return self.perform(op, args)
+        except (OperationRefused, ClusterError) as exc:
+            raise OperationError(str(exc), type_name=type(exc).__name__) \
+                from exc
+
+    def perform(self, op: str, args: dict) -> Any:
+        if not isinstance(op, str) or op not in OPS:
+            raise OperationRefused(f"unknown operation {op!r:.60}")
+        if not isinstance(args, dict) or set(args) != set(OPS[op]):
+            raise OperationRefused(f"{op}: arguments must be exactly"
+                                   f" {', '.join(OPS[op]) or 'none'}")
+        handler = getattr(self, "_" + op.replace(".", "_"))
+        return handler(**args)
+
+    # -- tasks --------------------------------------------------------------
+
+    def _tasks_get(self, task, setting):
+        task = _name("task", task)
+        setting = _setting(setting)
+        return self.cluster.get_task_setting(task, setting)
+
+    def _tasks_set(self, tasks, setting, value):
+        tasks = _names("tasks", tasks)
+        setting = _setting(setting)
+        value = check_task_value(setting, value)
+        return self.cluster.set_task_setting(tasks, setting, value)
+
+    # -- workers ------------------------------------------------------------
+
+    def _workers_names(self):
+        return sorted(self.cluster.worker_names())
+
+    def _workers_get(self, worker, what):
+        worker = _name("worker", worker)
+        _choice("what", what, WORKER_READINGS)
+        return self.cluster.get_worker(worker, what)
+
+    def _workers_change(self, workers, what, by):
+        workers = _names("workers", workers)
+        _choice("what", what, WORKER_COUNTERS)
+        if not isinstance(by, int) or isinstance(by, bool) or by == 0 \
+                or abs(by) > MAX_STEP:
+            raise OperationRefused(f"the step must be a whole number from 1"
+                                   f" to {MAX_STEP}, not {by!r:.40}")
+        return self.cluster.change_worker(workers, what, by)
+
+    def _workers_queues(self, workers, action, queue):
+        workers = _names("workers", workers)
+        _choice("action", action, QUEUE_ACTIONS)
+        return self.cluster.change_queues(workers, action, _queue(queue))
+
+    def _queues_length(self, queue):
+        return self.cluster.queue_length(_queue(queue))
+
+    # -- stats and mail -------------------------------------------------------
+
+    def _stats(self, fn, start, end, workers, tasknames, states):
+        _choice("stats function", fn, STATS_FUNCTIONS)
+        if states is not None and fn != "tasks":
+            raise OperationRefused(f"stats.{fn} takes no states")
+        states = _names("states", states)
+        for state in states or ():
+            _choice("state", state, STATES)
+        start_ts = to_timestamp(start, self.timezone)
+        end_ts = to_timestamp(end, self.timezone)
+        if start_ts is not None and end_ts is not None and start_ts > end_ts:
+            start_ts, end_ts = end_ts, start_ts
+        return self.stats.query(fn, start_ts, end_ts,
+                                _names("workers", workers),
+                                _names("tasknames", tasknames), states)
+
+    def _send_email(self, subject, message, from_email, recipient_list,
+                    auth_user, auth_password):
+        if self.mailer is None:
+            raise OperationRefused("send_email: no mail server is configured")
+        for what, value in (("subject", subject), ("message", message),
+                            ("from_email", from_email)):
+            _text(what, value)
+        for what, value in (("auth_user", auth_user),
+                            ("auth_password", auth_password)):
+            if value is not None:
+                _text(what, value)
+        recipients = _names("recipient_list", recipient_list)
+        if not recipients:
+            raise OperationRefused("send_email: recipient_list is empty")
+        return self.mailer.send(
+            subject=subject, message=message, from_email=from_email,
+            recipient_list=recipients, auth_user=auth_user,
+            auth_password=auth_password)
+
+
+# -- argument checks -----------------------------------------------------------
+
+def _name(what: str, value) -> str:
+    if not isinstance(value, str) or not 0 < len(value) <= MAX_NAME_CHARS:
+        raise OperationRefused(f"{what} must be a name of 1 to"
+                               f" {MAX_NAME_CHARS} characters, not"
+                               f" {value!r:.60}")
+    return value
+
+
+def _names(what: str, value) -> list[str] | None:
+    if value is None:
+        return None
+    if not isinstance(value, list) or len(value) > MAX_NAMES:
+        raise OperationRefused(f"{what} must be a list of at most"
+                               f" {MAX_NAMES} names")
+    return [_name(what, item) for item in value]
+
+
+def _choice(what: str, value, choices) -> str:
+    if value not in choices or not isinstance(value, str):
+        raise OperationRefused(f"unknown {what} {value!r:.60}; known:"
+                               f" {', '.join(choices)}")
+    return value
+
+
+def _setting(value) -> str:
+    return _choice("task setting", value, tuple(TASK_SETTINGS))
+
+
+def _queue(value) -> str:
+    if not isinstance(value, str) or not QUEUE_NAME_RE.match(value):
+        raise OperationRefused(f"{value!r:.60} is not a valid queue name")
+    return value
+
+
+def _text(what: str, value) -> str:
+    if not isinstance(value, str) or len(value) > MAX_TEXT_CHARS:
+        raise OperationRefused(f"send_email: {what} must be a string of at"
+                               f" most {MAX_TEXT_CHARS} characters")
+    return value
+
+
+def check_task_value(setting: str, value):
+    """Check a task setting's value against its type; return it."""
+    kinds = TASK_SETTINGS[setting]
+    if isinstance(value, bool):
+        ok = bool in kinds
+    else:
+        ok = isinstance(value, kinds)
+    if not ok:
+        names = " or ".join("None" if k is type(None) else k.__name__
+                            for k in kinds)
+        raise OperationRefused(f"{setting} must be {names}, not"
+                               f" {type(value).__name__} ({value!r:.60})")
+    if setting == "rate_limit" and value is not None \
+            and not RATE_LIMIT_RE.match(value):
+        raise OperationRefused(f"rate_limit {value!r:.60} is not in Celery's"
+                               ' form, such as "10/s", "100/m" or "5/h"')
+    if isinstance(value, (int, float)) and not isinstance(value, bool) \
+            and (not math.isfinite(value) or value < 0):
+        raise OperationRefused(f"{setting} must be a positive number")
+    return value
+
+
+def to_timestamp(value, timezone: dt.tzinfo) -> float | None:
+    """An ISO datetime from a child as a POSIX timestamp.
+
+    Naive datetimes are the manager's local time (its Celery app's
+    timezone), resolved with the zone's rules on that date.
+    """
+    if value is None:
+        return None
+    if not isinstance(value, str) or len(value) > 64:
+        raise OperationRefused(f"interval bound {value!r:.60} is not a"
+                               " datetime")
+    try:
+        moment = dt.datetime.fromisoformat(value)
+    except ValueError:
+        raise OperationRefused(f"interval bound {value!r:.60} is not a"
+                               " datetime") from None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=timezone)
+    return moment.timestamp()

@@ -1,0 +1,60 @@
+"""The Celery app the integration tests run on real workers.
+
+Workers and the test process build the same broker configuration from the
+environment: CM_TEST_BROKER (a URL; filesystem:// by default) and
+CMPOLICY_STATE_DIR (the filesystem broker's folders).
+"""
+
+import os
+import time
+
+from celery import Celery
+
+from manager.config import configure_broker, default_state_dir
+
+app = Celery("cmapp")
+configure_broker(app, os.environ.get("CM_TEST_BROKER"), default_state_dir())
+app.conf.update(
+    result_backend=None,
+    task_ignore_result=True,
+    worker_hijack_root_logger=False,
+    worker_prefetch_multiplier=4,
+    broker_connection_retry_on_startup=True,
+    worker_send_task_events=True,
+    task_send_sent_event=True,
+)
+
+
+@app.task
+def add(x, y):
+    return x + y
+
+
+@app.task
+def sleep(seconds):
+    time.sleep(seconds)
+    return seconds
+
+
+@app.task
+def fail():
+    raise ValueError("fails on purpose")
+
+
+@app.task(bind=True)
+def retry_delay(self):
+    """Report the retry delay the pool process sees for this task."""
+    return self.default_retry_delay
+
+
+@app.task(bind=True)
+def settings_seen(self):
+    return {"default_retry_delay": self.default_retry_delay,
+            "rate_limit": self.rate_limit, "acks_late": self.acks_late}
+
+
+@app.task
+def ping_file(path):
+    """Append this worker's hostname to ``path``: which worker ran it."""
+    with open(path, "a") as handle:
+        handle.write(f"{os.getpid()}\n")

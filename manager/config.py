@@ -22,6 +22,8 @@ STATE_DIR_ENV = "CMPOLICY_STATE_DIR"
 # 0.05 s gives control round trips of about 50 ms; the transport's default
 # of 1 s makes every broadcast take a second.
 FILESYSTEM_POLLING_INTERVAL_S = 0.05
+# kombu's filesystem transport with atomic message files (see fstransport).
+FILESYSTEM_TRANSPORT = "manager.fstransport:Transport"
 
 
 def default_state_dir() -> Path:
@@ -58,6 +60,7 @@ def configure_broker(app: Celery, broker: str | None,
     url = broker or "filesystem://"
     app.conf.broker_url = url
     if url.startswith("filesystem://"):
+        app.conf.broker_transport = FILESYSTEM_TRANSPORT
         options = dict(app.conf.broker_transport_options or {})
         options.update(filesystem_transport_options(state_dir))
         app.conf.broker_transport_options = options

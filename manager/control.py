@@ -54,6 +54,9 @@ class CeleryCluster:
         self._clock = clock
         self._lock = threading.RLock()
         self._workers: dict[str, dict] = {}
+        # Every worker seen since start: one of these that stops answering
+        # is unreachable; a name never seen is unknown.
+        self._ever_seen: set[str] = set()
         self._tasks: dict[str, set[str]] = {}
         self._seen_at = float("-inf")
         # (task names or None for all, setting) -> value, oldest first.
@@ -99,7 +102,9 @@ class CeleryCluster:
                 applied[worker] = reply.get("ok")
         if missing:
             self._forget(missing)
-            unknown = [w for w in missing if w not in self.live_workers()]
+            live = self.live_workers()
+            unknown = [w for w in missing
+                       if w not in live and w not in self._ever_seen]
             if unknown:
                 raise UnknownName(_unknown_workers(unknown, self._workers))
             done = ", ".join(applied) or "none"
@@ -118,6 +123,12 @@ class CeleryCluster:
         """Find the workers that answer now; push settings to new ones."""
         replies = self._broadcast("cm_worker_state",
                                   timeout=self.discovery_timeout_s)
+        if not replies:
+            # A broadcast on Redis is pub/sub: a worker that is busy
+            # re-subscribing (after a queue change) misses it. Ask once more
+            # before concluding that no worker is up.
+            replies = self._broadcast("cm_worker_state",
+                                      timeout=self.reply_timeout_s)
         with self._lock:
             self._workers = {}
             for name, reply in replies.items():
@@ -131,6 +142,7 @@ class CeleryCluster:
                             "worker %s does not load manager.worker_ext"
                             " (start it with --include manager.worker_ext);"
                             " policies cannot change it", name)
+            self._ever_seen.update(self._workers)
             self._seen_at = self._clock()
         self._sync_new_workers()
         return dict(self._workers)
@@ -219,13 +231,13 @@ class CeleryCluster:
 
     def queue_length(self, queue: str) -> int:
         try:
-            with self.app.connection_for_read() as conn:
-                channel = conn.default_channel
-                try:
-                    return int(channel.queue_declare(
-                        queue=queue, passive=True).message_count)
-                except conn.channel_errors:
-                    return 0  # no such queue: nothing waits in it
+            with self.app.pool.acquire(block=True) as conn:
+                with conn.channel() as channel:
+                    try:
+                        return int(channel.queue_declare(
+                            queue=queue, passive=True).message_count)
+                    except conn.channel_errors:
+                        return 0  # no such queue: nothing waits in it
         except ClusterError:
             raise
         except Exception as exc:

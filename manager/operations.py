@@ -37,7 +37,9 @@ WORKER_READINGS = WORKER_COUNTERS + ("queues",)
 QUEUE_ACTIONS = ("add", "remove")
 MAX_STEP = 64
 MAX_TEXT_CHARS = 64 * 1024
-QUEUE_NAME_RE = re.compile(r"^[A-Za-z0-9_.:@-]{1,255}$")
+# The strictest transport's rule (kombu's filesystem transport names a file
+# after the queue), so a name accepted here works on every broker.
+QUEUE_NAME_RE = re.compile(r"^(?!\.+$)[A-Za-z0-9_.-]{1,200}$")
 
 
 class Cluster(Protocol):

@@ -157,6 +157,7 @@ def cluster(request, tmp_path_factory):
             "/0", f"/{abs(hash(request.module.__name__)) % 15 + 1}")
     else:
         env["CM_TEST_BROKER"] = "filesystem://"
+    (state_dir / "results").mkdir()
     saved = {k: os.environ.get(k) for k in env}
     made = Cluster(kind, env, state_dir)
     yield made

@@ -27,6 +27,7 @@ setup(
         "test": [
             "pytest>=8,<10",
             "hypothesis>=6.100,<7",
+            "aiosmtpd>=1.4,<2",
         ],
     },
     entry_points={

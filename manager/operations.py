@@ -28,7 +28,8 @@ from sandboxhost.namespace import (
     TASK_SETTINGS,
 )
 
-from manager.errors import ClusterError, OperationRefused
+from manager.errors import ManagerError, OperationRefused
+from manager.mailer import Mailer, check_email
 
 logger = logging.getLogger(__name__)
 
@@ -36,7 +37,6 @@ WORKER_COUNTERS = ("prefetch", "subprocesses")
 WORKER_READINGS = WORKER_COUNTERS + ("queues",)
 QUEUE_ACTIONS = ("add", "remove")
 MAX_STEP = 64
-MAX_TEXT_CHARS = 64 * 1024
 # The strictest transport's rule (kombu's filesystem transport names a file
 # after the queue), so a name accepted here works on every broker.
 QUEUE_NAME_RE = re.compile(r"^(?!\.+$)[A-Za-z0-9_.-]{1,200}$")
@@ -76,14 +76,6 @@ class StatsSource(Protocol):
               states: list[str] | None) -> float | int | None: ...
 
 
-class Mailer(Protocol):
-    """Sends (or, in a dry run, records) a policy's email."""
-
-    def send(self, *, subject: str, message: str, from_email: str,
-             recipient_list: list[str], auth_user: str | None,
-             auth_password: str | None) -> Any: ...
-
-
 @dataclass
 class Operations:
     """Serves a child's calls: validate, then perform. One per run."""
@@ -93,12 +85,15 @@ class Operations:
     mailer: Mailer | None = None
     timezone: dt.tzinfo = field(default_factory=lambda: ZoneInfo("UTC"))
     policy: str = ""
+    tenant: str = "default"
+    emails_per_run: int = 5
+    emails_sent: int = 0
 
     def __call__(self, op: str, args: dict) -> Any:
         """The host's call handler: returns a value or raises OperationError."""
         try:
             return self.perform(op, args)
-        except (OperationRefused, ClusterError) as exc:
+        except ManagerError as exc:
             raise OperationError(str(exc), type_name=type(exc).__name__) \
                 from exc
 
@@ -172,20 +167,14 @@ class Operations:
                     auth_user, auth_password):
         if self.mailer is None:
             raise OperationRefused("send_email: no mail server is configured")
-        for what, value in (("subject", subject), ("message", message),
-                            ("from_email", from_email)):
-            _text(what, value)
-        for what, value in (("auth_user", auth_user),
-                            ("auth_password", auth_password)):
-            if value is not None:
-                _text(what, value)
-        recipients = _names("recipient_list", recipient_list)
-        if not recipients:
-            raise OperationRefused("send_email: recipient_list is empty")
-        return self.mailer.send(
-            subject=subject, message=message, from_email=from_email,
-            recipient_list=recipients, auth_user=auth_user,
-            auth_password=auth_password)
+        email = check_email(subject, message, from_email, recipient_list,
+                            auth_user, auth_password)
+        if self.emails_sent >= self.emails_per_run:
+            raise OperationRefused(f"send_email: this run has sent"
+                                   f" {self.emails_per_run} emails, the most"
+                                   " one run may send; nothing was sent")
+        self.emails_sent += 1
+        return self.mailer.send(email, policy=self.policy, tenant=self.tenant)
 
 
 # -- argument checks -----------------------------------------------------------
@@ -221,13 +210,6 @@ def _setting(value) -> str:
 def _queue(value) -> str:
     if not isinstance(value, str) or not QUEUE_NAME_RE.match(value):
         raise OperationRefused(f"{value!r:.60} is not a valid queue name")
-    return value
-
-
-def _text(what: str, value) -> str:
-    if not isinstance(value, str) or len(value) > MAX_TEXT_CHARS:
-        raise OperationRefused(f"send_email: {what} must be a string of at"
-                               f" most {MAX_TEXT_CHARS} characters")
     return value
 
 

@@ -5,7 +5,7 @@ It answers the same operations as the real cluster with the same rules
 prefetch by the prefetch multiplier as Celery does, prefetch 0 means
 unlimited and is left alone, unknown names are errors that name them), so
 that ``cmpolicy try`` and the pytest plugin show what production would do.
-Emails are recorded, never sent.
+Emails go to a dry-run ``manager.mailer.Mailer``, which records them.
 """
 
 from __future__ import annotations
@@ -56,15 +56,6 @@ class SimWorker:
             self.prefetch = self.subprocesses * self.prefetch_multiplier
 
 
-@dataclass
-class SentEmail:
-    subject: str
-    message: str
-    from_email: str
-    recipient_list: list[str]
-    auth_user: str | None = None
-
-
 class SimulatedCluster:
     """In-memory stand-in for a Celery cluster, its event store and mailer."""
 
@@ -74,7 +65,6 @@ class SimulatedCluster:
         self.tasks: dict[str, dict[str, Any]] = {}
         self.queue_lengths: dict[str, int] = {}
         self.records: list[TaskRecord] = []
-        self.emails: list[SentEmail] = []
         self.changes: list[tuple[str, str, Any]] = []
 
     # -- building ------------------------------------------------------------
@@ -243,15 +233,8 @@ class SimulatedCluster:
     def queue_length(self, queue: str) -> int:
         return self.queue_lengths.get(queue, 0)
 
-    # -- StatsSource and Mailer ------------------------------------------------
+    # -- StatsSource -----------------------------------------------------------
 
     def query(self, fn, start, end, workers, tasknames, states):
         return query_records(self.records, fn, start, end, workers, tasknames,
                              states)
-
-    def send(self, *, subject, message, from_email, recipient_list,
-             auth_user=None, auth_password=None):
-        self.emails.append(SentEmail(subject, message, from_email,
-                                     list(recipient_list), auth_user))
-        return {"sent": False, "recorded": True,
-                "recipients": list(recipient_list)}

@@ -6,6 +6,7 @@ import pytest
 
 from sandboxhost.errors import OperationError
 from manager.operations import Operations
+from manager.mailer import Mailer
 from manager.simcluster import SimulatedCluster
 
 
@@ -21,7 +22,7 @@ def cluster():
 
 @pytest.fixture
 def ops(cluster):
-    return Operations(cluster, cluster, cluster)
+    return Operations(cluster, cluster, Mailer(dry_run=True))
 
 
 def refused(ops, op, args):
@@ -133,7 +134,7 @@ def test_valid_calls_are_performed(ops, cluster):
 
 
 def test_naive_interval_bounds_use_the_manager_timezone(cluster):
-    ops = Operations(cluster, cluster, cluster,
+    ops = Operations(cluster, cluster, Mailer(dry_run=True),
                      timezone=dt.timezone(dt.timedelta(hours=2)))
     cluster.record("media.tasks.resize", sent="2026-01-01T10:00:00+00:00")
     args = {"fn": "tasks", "workers": None, "tasknames": None,

@@ -173,6 +173,15 @@ class CeleryCluster:
     def worker_names(self) -> list[str]:
         return self.live_workers(fresh=True)
 
+    def task_names(self) -> list[str]:
+        """Every task type a live worker has registered (Celery's excluded)."""
+        workers = self._select(None)
+        names: set[str] = set()
+        for worker, reply in self._ask("cm_task_settings", workers).items():
+            self._tasks[worker] = set(reply["tasks"])
+            names.update(reply["tasks"])
+        return sorted(names)
+
     def _known_tasks(self, names: list[str]) -> None:
         """Refuse, before sending anything, task names no worker has."""
         unknown = [n for n in names if not any(n in t for t in

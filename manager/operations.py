@@ -28,8 +28,9 @@ from sandboxhost.namespace import (
     TASK_SETTINGS,
 )
 
-from manager.errors import ManagerError, OperationRefused
+from manager.errors import ManagerError, OperationRefused, PermissionDenied
 from manager.mailer import Mailer, check_email
+from manager.tenants import Tenant, unrestricted
 
 logger = logging.getLogger(__name__)
 
@@ -51,6 +52,8 @@ class Cluster(Protocol):
     """
 
     def worker_names(self) -> list[str]: ...
+
+    def task_names(self) -> list[str]: ...
 
     def get_task_setting(self, task: str, setting: str) -> Any: ...
 
@@ -85,8 +88,7 @@ class Operations:
     mailer: Mailer | None = None
     timezone: dt.tzinfo = field(default_factory=lambda: ZoneInfo("UTC"))
     policy: str = ""
-    tenant: str = "default"
-    emails_per_run: int = 5
+    tenant: Tenant = field(default_factory=unrestricted)
     emails_sent: int = 0
 
     def __call__(self, op: str, args: dict) -> Any:
@@ -106,10 +108,36 @@ class Operations:
         handler = getattr(self, "_" + op.replace(".", "_"))
         return handler(**args)
 
+    # -- the tenant's scope -------------------------------------------------
+
+    def _allow(self, kind: str, names: list[str]) -> list[str]:
+        """Refuse any name outside the tenant's scope of ``kind``."""
+        scope = self.tenant.scope(kind)
+        for name in names:
+            if not scope.allows(name):
+                raise PermissionDenied(f"{_SINGULAR[kind]} {name!r} is outside"
+                                       f" tenant {self.tenant.name!r}")
+        return names
+
+    def _scoped(self, kind: str, names: list[str] | None) -> list[str] | None:
+        """Names checked against the scope; None ("all") narrowed to it."""
+        if names is not None:
+            return self._allow(kind, names)
+        scope = self.tenant.scope(kind)
+        if scope.everything:
+            return None
+        known = (self.cluster.worker_names() if kind == "workers"
+                 else self.cluster.task_names())
+        mine = scope.keep(known)
+        if not mine:
+            raise PermissionDenied(f"tenant {self.tenant.name!r} has no"
+                                   f" {kind} that answer now")
+        return mine
+
     # -- tasks --------------------------------------------------------------
 
     def _tasks_get(self, task, setting):
-        task = _name("task", task)
+        task = self._allow("tasks", [_name("task", task)])[0]
         setting = _setting(setting)
         return self.cluster.get_task_setting(task, setting)
 
@@ -117,15 +145,16 @@ class Operations:
         tasks = _names("tasks", tasks)
         setting = _setting(setting)
         value = check_task_value(setting, value)
-        return self.cluster.set_task_setting(tasks, setting, value)
+        return self.cluster.set_task_setting(self._scoped("tasks", tasks),
+                                             setting, value)
 
     # -- workers ------------------------------------------------------------
 
     def _workers_names(self):
-        return sorted(self.cluster.worker_names())
+        return sorted(self.tenant.workers.keep(self.cluster.worker_names()))
 
     def _workers_get(self, worker, what):
-        worker = _name("worker", worker)
+        worker = self._allow("workers", [_name("worker", worker)])[0]
         _choice("what", what, WORKER_READINGS)
         return self.cluster.get_worker(worker, what)
 
@@ -136,15 +165,19 @@ class Operations:
                 or abs(by) > MAX_STEP:
             raise OperationRefused(f"the step must be a whole number from 1"
                                    f" to {MAX_STEP}, not {by!r:.40}")
-        return self.cluster.change_worker(workers, what, by)
+        return self.cluster.change_worker(self._scoped("workers", workers),
+                                          what, by)
 
     def _workers_queues(self, workers, action, queue):
         workers = _names("workers", workers)
         _choice("action", action, QUEUE_ACTIONS)
-        return self.cluster.change_queues(workers, action, _queue(queue))
+        queue = self._allow("queues", [_queue(queue)])[0]
+        return self.cluster.change_queues(self._scoped("workers", workers),
+                                          action, queue)
 
     def _queues_length(self, queue):
-        return self.cluster.queue_length(_queue(queue))
+        queue = self._allow("queues", [_queue(queue)])[0]
+        return self.cluster.queue_length(queue)
 
     # -- stats and mail -------------------------------------------------------
 
@@ -160,8 +193,24 @@ class Operations:
         if start_ts is not None and end_ts is not None and start_ts > end_ts:
             start_ts, end_ts = end_ts, start_ts
         return self.stats.query(fn, start_ts, end_ts,
-                                _names("workers", workers),
-                                _names("tasknames", tasknames), states)
+                                self._scoped_stats("workers", workers),
+                                self._scoped_stats("tasks", tasknames),
+                                states)
+
+    def _scoped_stats(self, kind: str, names) -> list[str] | None:
+        """Stats count only the tenant's tasks: narrow "all" to its names."""
+        names = _names(kind, names)
+        if names is not None:
+            return self._allow(kind, names)
+        scope = self.tenant.scope(kind)
+        if scope.everything:
+            return None
+        known = set(self.cluster.worker_names() if kind == "workers"
+                    else self.cluster.task_names())
+        recorded = getattr(self.stats, "recorded_names", None)
+        if recorded is not None:
+            known.update(recorded(kind))
+        return scope.keep(sorted(known))
 
     def _send_email(self, subject, message, from_email, recipient_list,
                     auth_user, auth_password):
@@ -169,15 +218,22 @@ class Operations:
             raise OperationRefused("send_email: no mail server is configured")
         email = check_email(subject, message, from_email, recipient_list,
                             auth_user, auth_password)
-        if self.emails_sent >= self.emails_per_run:
-            raise OperationRefused(f"send_email: this run has sent"
-                                   f" {self.emails_per_run} emails, the most"
-                                   " one run may send; nothing was sent")
+        self._allow("recipients", list(email.recipient_list))
+        limit = self.tenant.emails_per_run
+        if self.emails_sent >= limit:
+            raise OperationRefused(f"send_email: this run has sent {limit}"
+                                   " emails, the most one run may send;"
+                                   " nothing was sent")
         self.emails_sent += 1
-        return self.mailer.send(email, policy=self.policy, tenant=self.tenant)
+        return self.mailer.send(email, policy=self.policy,
+                                tenant=self.tenant.name)
 
 
 # -- argument checks -----------------------------------------------------------
+
+_SINGULAR = {"workers": "worker", "tasks": "task", "queues": "queue",
+             "recipients": "recipient"}
+
 
 def _name(what: str, value) -> str:
     if not isinstance(value, str) or not 0 < len(value) <= MAX_NAME_CHARS:

@@ -155,6 +155,9 @@ class SimulatedCluster:
     def worker_names(self) -> list[str]:
         return sorted(self.workers)
 
+    def task_names(self) -> list[str]:
+        return sorted(self.tasks)
+
     def _worker(self, name: str) -> SimWorker:
         try:
             return self.workers[name]
@@ -238,3 +241,9 @@ class SimulatedCluster:
     def query(self, fn, start, end, workers, tasknames, states):
         return query_records(self.records, fn, start, end, workers, tasknames,
                              states)
+
+    def recorded_names(self, kind: str) -> list[str]:
+        """Task names ("tasks") or workers ("workers") seen in records."""
+        field = "name" if kind == "tasks" else "worker"
+        return sorted({getattr(r, field) for r in self.records
+                       if getattr(r, field)})

@@ -1,5 +1,6 @@
 """send_email through a real SMTP server on 127.0.0.1 (aiosmtpd)."""
 
+import dataclasses
 import email
 import email.policy
 import socket
@@ -19,6 +20,7 @@ from manager.mailer import (
 )
 from manager.operations import Operations
 from manager.simcluster import SimulatedCluster
+from manager.tenants import unrestricted
 from sandboxhost.errors import OperationError
 
 
@@ -205,8 +207,8 @@ def test_hourly_budget_per_policy_and_per_tenant(smtp):
 def test_per_run_limit_in_operations(smtp):
     _, port = smtp()
     sim = SimulatedCluster()
-    ops = Operations(sim, sim, mailer_for(port), emails_per_run=1,
-                     policy="p")
+    tenant = dataclasses.replace(unrestricted(), emails_per_run=1)
+    ops = Operations(sim, sim, mailer_for(port), tenant=tenant, policy="p")
     args = dict(MAIL, auth_user=None, auth_password=None)
     ops("send_email", args)
     with pytest.raises(OperationError) as info:

@@ -18,10 +18,9 @@ setup(
         "msgpack>=1.2,<2",
         "psutil>=7.0,<8",
         "SQLAlchemy>=2.1,<2.2",
-        # Kernel hardening of policy children; each is optional at run time
+        # Builds the seccomp filter of policy children; optional at run time
         # (the host reports once what it could not apply).
         "pyseccomp>=0.1.2,<0.2",
-        "landlock>=1.0.0.dev5,<1.1",
     ],
     extras_require={
         "test": [

@@ -23,6 +23,12 @@ import types
 from collections.abc import Iterable
 
 import _string
+# The C code of datetime.strptime and time.strptime imports _strptime
+# through the caller's __import__; load it here, in the template process,
+# because a child can read no files.
+import _strptime  # noqa: F401
+import locale  # noqa: F401
+import sys
 
 from sandboxhost.language import FORMAT_HOOK
 from sandboxhost.rules import ALLOWED_BUILTINS, name_problem
@@ -648,8 +654,22 @@ def _make_send_email(bridge):
     return send_email
 
 
+# Modules that library code (not policy code: it cannot write an import)
+# may ask for through __import__; each is loaded in the template already.
+_LIBRARY_IMPORTS = frozenset({"_strptime", "time", "datetime", "calendar",
+                              "locale", "math"})
+
+
+def _library_import(name, globals=None, locals=None, fromlist=(), level=0):
+    """__import__ for the C code of allowed modules: loaded modules only."""
+    if level == 0 and name in _LIBRARY_IMPORTS and name in sys.modules:
+        return sys.modules[name]
+    raise ImportError(f"import of {name!r} is not available to policies")
+
+
 SAFE_BUILTINS = {name: getattr(builtins, name)
                  for name in sorted(ALLOWED_BUILTINS) if name != "print"}
+SAFE_BUILTINS["__import__"] = _library_import
 
 
 def build_namespace(section: str, bridge) -> dict:

@@ -182,7 +182,9 @@ class PolicyRunner:
         operations = Operations(cluster, stats, mailer,
                                 timezone=self.timezone, policy=policy.name,
                                 tenant=tenant)
-        started = dt.datetime.now(dt.timezone.utc)
+        started = (now.astimezone(dt.timezone.utc)
+                   if now is not None and now.tzinfo is not None
+                   else dt.datetime.now(dt.timezone.utc))
         outcome = self.host.run(
             policy.compiled.wire(), handler=operations,
             limits=tenant.limits, policy=policy.name,

@@ -155,6 +155,9 @@ class SimulatedCluster:
     def worker_names(self) -> list[str]:
         return sorted(self.workers)
 
+    def live_workers(self, *, fresh: bool = False) -> list[str]:
+        return sorted(self.workers)
+
     def task_names(self) -> list[str]:
         return sorted(self.tasks)
 

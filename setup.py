@@ -32,6 +32,8 @@ setup(
     entry_points={
         "console_scripts": [
             "cmpolicy = manager.cli:cmpolicy_main",
+            "cmevents = manager.events:cmevents_main",
+            "cmrun = manager.supervisor:cmrun_main",
         ],
     },
     classifiers=[

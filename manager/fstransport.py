@@ -107,3 +107,6 @@ class Channel(filesystem.Channel):
 
 class Transport(filesystem.Transport):
     Channel = Channel
+    # The folders are the address; a host name means nothing here, and
+    # kombu warns on every connection when a default one stands in.
+    default_connection_params = {}

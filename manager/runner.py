@@ -193,6 +193,7 @@ class PolicyRunner:
             else fixed_clock)
         report = RunReport(uuid.uuid4().hex, policy.name, tenant.name,
                            started, outcome)
+        _log_run_details(report)
         if outcome.ok:
             logger.info("policy %s (tenant %s, run %s): condition %s, %s,"
                         " %d call(s) in %.1f ms", policy.name, tenant.name,
@@ -208,6 +209,25 @@ class PolicyRunner:
                          extra={"policy": policy.name, "tenant": tenant.name,
                                 "run_id": report.run_id})
         return report
+
+
+# Calls that change the cluster or send mail; reads are logged at debug.
+_CHANGING_OPS = frozenset({"tasks.set", "workers.change", "workers.queues",
+                           "send_email"})
+
+
+def _log_run_details(report: RunReport) -> None:
+    extra = {"policy": report.policy, "tenant": report.tenant,
+             "run_id": report.run_id}
+    for call in report.outcome.calls:
+        level = logging.INFO if call.op in _CHANGING_OPS else logging.DEBUG
+        result = call.value if call.ok else f"refused: {call.error}"
+        logger.log(level, "policy %s: %s(%s) -> %s", report.policy, call.op,
+                   ", ".join(f"{k}={v!r}" for k, v in call.args.items()),
+                   result, extra=extra)
+    for line in report.outcome.output:
+        logger.info("policy %s says: %s", report.policy, line.rstrip("\n"),
+                    extra=extra)
 
 
 def _no_calls(op: str, args: dict):

@@ -209,24 +209,7 @@ class Scheduler:
             self._record(report)
 
     def _record(self, report: RunReport) -> None:
-        out = report.outcome
-        error = out.error
-        run = Run(
-            run_id=report.run_id, policy=report.policy, tenant=report.tenant,
-            started=report.started.timestamp(), duration_s=out.duration_s,
-            applied=out.applied, outcome=outcome_word(out),
-            condition=out.condition,
-            error_section=getattr(error, "section", None),
-            error_line=getattr(error, "line", None),
-            error_message=None if error is None else report.describe_error(),
-            output="".join(out.output),
-            calls=[{"op": c.op, "args": c.args, "ok": c.ok, "value": c.value,
-                    "error": c.error} for c in out.calls])
-        try:
-            self.store.record_run(run)
-        except StoreError as exc:
-            logger.error("policy %s: run %s could not be recorded: %s",
-                         report.policy, report.run_id, exc)
+        record_report(self.store, report)
         if self.keep_reports:
             self.reports.append(report)
 
@@ -241,3 +224,25 @@ class Scheduler:
             logger.warning("policy %s: still running at stop; its child is"
                            " killed", entry.name)
         self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+def record_report(store: Store, report: RunReport) -> None:
+    """Write a run to the history and note it on its policy."""
+    out = report.outcome
+    error = out.error
+    run = Run(
+        run_id=report.run_id, policy=report.policy, tenant=report.tenant,
+        started=report.started.timestamp(), duration_s=out.duration_s,
+        applied=out.applied, outcome=outcome_word(out),
+        condition=out.condition,
+        error_section=getattr(error, "section", None),
+        error_line=getattr(error, "line", None),
+        error_message=None if error is None else report.describe_error(),
+        output="".join(out.output),
+        calls=[{"op": c.op, "args": c.args, "ok": c.ok, "value": c.value,
+                "error": c.error} for c in out.calls])
+    try:
+        store.record_run(run)
+    except StoreError as exc:
+        logger.error("policy %s: run %s could not be recorded: %s",
+                     report.policy, report.run_id, exc)

@@ -35,6 +35,9 @@ setup(
             "cmevents = manager.events:cmevents_main",
             "cmrun = manager.supervisor:cmrun_main",
         ],
+        "pytest11": [
+            "cmpolicy = manager.pytest_plugin",
+        ],
     },
     classifiers=[
         "Programming Language :: Python :: 3",

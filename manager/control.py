@@ -27,6 +27,7 @@ from celery import Celery
 
 from manager.errors import (
     ClusterError,
+    OperationRefused,
     UnknownName,
     WorkerUnreachable,
 )
@@ -113,8 +114,11 @@ class CeleryCluster:
                 f" {self.reply_timeout_s:g} s (applied on: {done})",
                 missing=missing, applied=applied)
         if failed:
+            # The workers answered and refused: the call was wrong for
+            # them, not the cluster broken.
             done = ", ".join(applied) or "none"
-            raise ClusterError(f"{'; '.join(failed)} (applied on: {done})")
+            raise OperationRefused(f"{'; '.join(failed)} (applied on:"
+                                   f" {done})")
         return applied
 
     # -- the worker directory ---------------------------------------------------

@@ -205,7 +205,7 @@ class SimulatedCluster:
         for worker in self._selected(workers):
             if what == "subprocesses":
                 if worker.subprocesses + by < 1:
-                    refused.append(f"{worker.name} has"
+                    refused.append(f"{worker.name}: the pool has"
                                    f" {worker.subprocesses} process(es) and"
                                    " cannot go below 1")
                     continue
@@ -219,8 +219,9 @@ class SimulatedCluster:
             self.changes.append((f"worker {worker.name}", what,
                                  applied[worker.name]))
         if refused:
-            done = ", ".join(f"{k}={v}" for k, v in applied.items()) or "none"
-            raise OperationRefused(f"{'; '.join(refused)} (applied: {done})")
+            done = ", ".join(applied) or "none"
+            raise OperationRefused(f"{'; '.join(refused)} (applied on:"
+                                   f" {done})")
         return applied
 
     def change_queues(self, workers: list[str] | None, action: str,

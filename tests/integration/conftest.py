@@ -109,7 +109,7 @@ class Cluster:
         if proc is None:
             return
         try:
-            os.killpg(proc.pid, sig)
+            proc.send_signal(sig)
             proc.wait(20)
         except (ProcessLookupError, subprocess.TimeoutExpired):
             try:

@@ -6,7 +6,7 @@ import pytest
 from celery.exceptions import TimeLimitExceeded
 
 from manager.control import CeleryCluster
-from manager.errors import ClusterError, UnknownName, WorkerUnreachable
+from manager.errors import OperationRefused, UnknownName, WorkerUnreachable
 
 pytestmark = pytest.mark.integration
 
@@ -77,7 +77,7 @@ def test_pool_grows_and_shrinks(control, workers):
 
 
 def test_pool_never_shrinks_below_one(control, workers):
-    with pytest.raises(ClusterError) as info:
+    with pytest.raises(OperationRefused) as info:
         control.change_worker([W1], "subprocesses", -1)
     assert str(info.value) == (f"{W1}: the pool has 1 process(es) and"
                                " cannot go below 1 (applied on: none)")

@@ -112,8 +112,8 @@ def test_pool_never_shrinks_below_one(ops, cluster):
     message = refused(ops, "workers.change", {"workers": None,
                                               "what": "subprocesses",
                                               "by": -1})
-    assert message == ("w2@node1 has 1 process(es) and cannot go below 1"
-                       " (applied: w1@node1=1)")
+    assert message == ("w2@node1: the pool has 1 process(es) and cannot go"
+                       " below 1 (applied on: w1@node1)")
     assert cluster.workers["w1@node1"].subprocesses == 1
 
 

@@ -71,6 +71,10 @@ class Scheduler:
         self._running: dict[Future, Entry] = {}
         self._per_tenant: dict[str, int] = defaultdict(int)
         self._turn: deque[str] = deque()
+        self._queues: dict[str, deque[Entry]] = defaultdict(deque)
+        self._queued: set[str] = set()
+        self._refresh_at = float("-inf")
+        self._scan_at: dt.datetime | None = None
         self._stop = threading.Event()
         self._workers_known: bool | None = None
         self.reports: list[RunReport] = []
@@ -99,16 +103,33 @@ class Scheduler:
         """One turn; returns how long to wait before the next."""
         self._collect()
         now = self.clock()
-        self.registry.refresh(now)
-        busy = {entry.name for entry in self._running.values()}
-        due = self.registry.due(now, busy)
-        if due and self._workers_ready():
-            self._dispatch(due, now)
+        tick = time.monotonic()
+        changed = False
+        if tick >= self._refresh_at:
+            changed = self.registry.refresh(now)
+            self._refresh_at = tick + CHANGE_POLL_S
+        if changed or self._scan_at is None or now >= self._scan_at:
+            self._queue_due(now)
+        if any(self._queues.values()) and self._workers_ready():
+            self._dispatch(now)
         return self._sleep_for(self.clock())
+
+    def _queue_due(self, now: dt.datetime) -> None:
+        """Queue what is due, per tenant; note when to look again."""
+        busy = {entry.name for entry in self._running.values()}
+        busy |= self._queued
+        for entry in self.registry.due(now, busy):
+            self._queues[entry.tenant].append(entry)
+            self._queued.add(entry.name)
+            if entry.tenant not in self._turn:
+                self._turn.append(entry.tenant)
+        nxt = self.registry.next_due(busy | self._queued)
+        self._scan_at = nxt
 
     def run_due_once(self) -> list[RunReport]:
         """Run everything due now and wait for it (tests, benchmarks)."""
         self.keep_reports = True
+        self._refresh_at = float("-inf")
         self.step()
         while self._running:
             wait(list(self._running), return_when=FIRST_COMPLETED)
@@ -127,8 +148,10 @@ class Scheduler:
     def _sleep_for(self, now: dt.datetime) -> float:
         # Policies may change in the store (cmpolicy add, enable) or in the
         # directory at any time, so never sleep longer than CHANGE_POLL_S.
+        # Queued policies are due already and wait for a slot: a finished
+        # run wakes the loop for them.
         busy = {entry.name for entry in self._running.values()}
-        nxt = self.registry.next_due(busy)
+        nxt = self.registry.next_due(busy | self._queued)
         if nxt is None:
             return CHANGE_POLL_S
         return max(0.0, min(CHANGE_POLL_S, (nxt - now).total_seconds()))
@@ -157,22 +180,21 @@ class Scheduler:
 
     # -- dispatch ---------------------------------------------------------------
 
-    def _dispatch(self, due: list[Entry], now: dt.datetime) -> None:
-        """Fill free slots, taking tenants in turn."""
-        queues: dict[str, deque[Entry]] = defaultdict(deque)
-        for entry in due:
-            queues[entry.tenant].append(entry)
-        for tenant in queues:
-            if tenant not in self._turn:
-                self._turn.append(tenant)
+    def _dispatch(self, now: dt.datetime) -> None:
+        """Fill free slots from the queues, taking tenants in turn."""
         idle_rounds = 0
         while len(self._running) < self.slots and idle_rounds < len(
                 self._turn):
             tenant = self._turn[0]
             self._turn.rotate(-1)
+            queue = self._queues[tenant]
             limit = self._tenant(tenant).runs_in_parallel
-            if queues.get(tenant) and self._per_tenant[tenant] < limit:
-                self._start(queues[tenant].popleft(), now)
+            if queue and self._per_tenant[tenant] < limit:
+                entry = queue.popleft()
+                self._queued.discard(entry.name)
+                current = self.registry.entries.get(entry.name)
+                if current is entry and entry.enabled and entry.loaded:
+                    self._start(entry, now)
                 idle_rounds = 0
             else:
                 idle_rounds += 1

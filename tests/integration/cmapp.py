@@ -56,3 +56,17 @@ def settings_seen(self):
 def stamp():
     """When this ran, to see how a rate limit spreads a burst."""
     return time.time()
+
+
+@app.task(bind=True, max_retries=1)
+def flaky(self):
+    """Retried once (same task id), then succeeds."""
+    if self.request.retries < 1:
+        raise self.retry(countdown=0.05)
+    return self.request.retries
+
+
+@app.task(bind=True, max_retries=1)
+def hopeless(self):
+    """Retried once, then fails for good."""
+    raise self.retry(exc=ValueError("hopeless"), countdown=0.05)

@@ -179,8 +179,9 @@ def _print_report(loaded, report, emails, as_json: bool) -> None:
     for email in emails:
         print(f"email:     {email.subject!r} to"
               f" {', '.join(email.recipient_list)} (not sent: dry run)")
-    for line in data["output"]:
-        print(f"output:    {line.rstrip()}")
+    from manager.runner import printable
+    for line in "".join(data["output"]).splitlines():
+        print(f"output:    {printable(line, 2000)}")
     error = report.describe_error()
     if error:
         print(f"error:     {loaded.filename}:{report.error.line or '?'}:"

@@ -37,9 +37,9 @@ MAX_RECIPIENTS = 50
 MAX_ADDRESS_CHARS = 254
 # A deliberately plain address rule: local@domain with no spaces, quotes,
 # angle brackets or line breaks, so nothing can smuggle a header.
-ADDRESS_RE = re.compile(r"^[A-Za-z0-9.!#$%&'*+/=?^_`{|}~-]+"
+ADDRESS_RE = re.compile(r"\A[A-Za-z0-9.!#$%&'*+/=?^_`{|}~-]+"
                         r"@[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?"
-                        r"(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?)*$")
+                        r"(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?)*\Z")
 
 SECURITY_MODES = ("none", "starttls", "tls")
 PASSWORD_ENV = "CMPOLICY_SMTP_PASSWORD"
@@ -164,15 +164,18 @@ class _Budget:
         self.clock = clock
         self.sent: dict[str, deque] = defaultdict(deque)
 
-    def check(self, key: str, what: str) -> None:
+    def check(self, key: str, what: str, *,
+              per_hour: int | None = None) -> None:
+        limit = self.per_hour if per_hour is None else min(per_hour,
+                                                            self.per_hour)
         window = self.sent[key]
         now = self.clock()
         while window and window[0] <= now - 3600:
             window.popleft()
-        if len(window) >= self.per_hour:
-            raise MailLimitExceeded(f"send_email: {what} has sent"
-                                    f" {self.per_hour} emails in the last"
-                                    " hour; nothing was sent")
+        if len(window) >= limit:
+            raise MailLimitExceeded(f"send_email: {what} has sent {limit}"
+                                    " emails in the last hour; nothing was"
+                                    " sent")
 
     def add(self, key: str) -> None:
         self.sent[key].append(self.clock())
@@ -197,12 +200,14 @@ class Mailer:
         self.outbox: list[Email] = []
 
     def send(self, email: Email, *, policy: str = "",
-             tenant: str = "default") -> dict:
+             tenant: str = "default",
+             tenant_per_hour: int | None = None) -> dict:
         with self._lock:
             self._policy_budget.check(f"policy:{policy}",
                                       f"policy {policy!r}")
             self._tenant_budget.check(f"tenant:{tenant}",
-                                      f"tenant {tenant!r}")
+                                      f"tenant {tenant!r}",
+                                      per_hour=tenant_per_hour)
             # Counted before delivery: a server that fails after taking
             # the message must not let a policy retry without limit.
             self._policy_budget.add(f"policy:{policy}")

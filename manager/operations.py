@@ -28,7 +28,12 @@ from sandboxhost.namespace import (
     TASK_SETTINGS,
 )
 
-from manager.errors import ManagerError, OperationRefused, PermissionDenied
+from manager.errors import (
+    ManagerError,
+    OperationRefused,
+    PermissionDenied,
+    UnknownName,
+)
 from manager.mailer import Mailer, check_email
 from manager.tenants import Tenant, unrestricted
 
@@ -38,9 +43,11 @@ WORKER_COUNTERS = ("prefetch", "subprocesses")
 WORKER_READINGS = WORKER_COUNTERS + ("queues",)
 QUEUE_ACTIONS = ("add", "remove")
 MAX_STEP = 64
+# Routing keys and exchange names: a queue name, or a topic pattern.
+ROUTE_RE = re.compile(r"\A[A-Za-z0-9_.:#*-]{1,255}\Z")
 # The strictest transport's rule (kombu's filesystem transport names a file
 # after the queue), so a name accepted here works on every broker.
-QUEUE_NAME_RE = re.compile(r"^(?!\.+$)[A-Za-z0-9_.-]{1,200}$")
+QUEUE_NAME_RE = re.compile(r"\A(?!\.+\Z)[A-Za-z0-9_.-]{1,200}\Z")
 
 
 class Cluster(Protocol):
@@ -136,6 +143,25 @@ class Operations:
                                    f" {kind} that answer now")
         return mine
 
+    def _cluster(self, method, *args):
+        """Call the cluster; an unknown name lists only the tenant's names."""
+        try:
+            return method(*args)
+        except UnknownName as exc:
+            text = str(exc)
+            if "; known: " not in text or self.tenant.workers.everything:
+                raise
+            mine = self.tenant.workers.keep(self.cluster.worker_names())
+            raise UnknownName(f"{text.split('; known: ')[0]}; known:"
+                              f" {', '.join(mine) or 'none'}") from None
+
+    def _own_workers(self, result):
+        """Keep other tenants' worker names out of what a call returns."""
+        if not isinstance(result, dict) or self.tenant.workers.everything:
+            return result
+        return {k: v for k, v in result.items()
+                if self.tenant.workers.allows(k)}
+
     # -- tasks --------------------------------------------------------------
 
     def _tasks_get(self, task, setting):
@@ -147,8 +173,12 @@ class Operations:
         tasks = _names("tasks", tasks)
         setting = _setting(setting)
         value = check_task_value(setting, value)
-        return self.cluster.set_task_setting(self._scoped("tasks", tasks),
-                                             setting, value)
+        if setting in ("routing_key", "exchange") and value is not None:
+            # Where the workers' own messages go: within the tenant's queues.
+            self._allow("queues", [value])
+        result = self._cluster(self.cluster.set_task_setting,
+                               self._scoped("tasks", tasks), setting, value)
+        return self._own_workers(result)
 
     # -- workers ------------------------------------------------------------
 
@@ -158,7 +188,7 @@ class Operations:
     def _workers_get(self, worker, what):
         worker = self._allow("workers", [_name("worker", worker)])[0]
         _choice("what", what, WORKER_READINGS)
-        return self.cluster.get_worker(worker, what)
+        return self._cluster(self.cluster.get_worker, worker, what)
 
     def _workers_change(self, workers, what, by):
         workers = _names("workers", workers)
@@ -167,15 +197,15 @@ class Operations:
                 or abs(by) > MAX_STEP:
             raise OperationRefused(f"the step must be a whole number from 1"
                                    f" to {MAX_STEP}, not {by!r:.40}")
-        return self.cluster.change_worker(self._scoped("workers", workers),
-                                          what, by)
+        return self._cluster(self.cluster.change_worker,
+                             self._scoped("workers", workers), what, by)
 
     def _workers_queues(self, workers, action, queue):
         workers = _names("workers", workers)
         _choice("action", action, QUEUE_ACTIONS)
         queue = self._allow("queues", [_queue(queue)])[0]
-        return self.cluster.change_queues(self._scoped("workers", workers),
-                                          action, queue)
+        return self._cluster(self.cluster.change_queues,
+                             self._scoped("workers", workers), action, queue)
 
     def _queues_length(self, queue):
         queue = self._allow("queues", [_queue(queue)])[0]
@@ -220,7 +250,9 @@ class Operations:
             raise OperationRefused("send_email: no mail server is configured")
         email = check_email(subject, message, from_email, recipient_list,
                             auth_user, auth_password)
-        self._allow("recipients", list(email.recipient_list))
+        # The sender is an address the tenant writes as: same scope.
+        self._allow("recipients", [email.from_email,
+                                   *email.recipient_list])
         limit = self.tenant.emails_per_run
         if self.emails_sent >= limit:
             raise OperationRefused(f"send_email: this run has sent {limit}"
@@ -228,7 +260,8 @@ class Operations:
                                    " nothing was sent")
         self.emails_sent += 1
         return self.mailer.send(email, policy=self.policy,
-                                tenant=self.tenant.name)
+                                tenant=self.tenant.name,
+                                tenant_per_hour=self.tenant.emails_per_hour)
 
 
 # -- argument checks -----------------------------------------------------------
@@ -283,6 +316,11 @@ def check_task_value(setting: str, value):
                             for k in kinds)
         raise OperationRefused(f"{setting} must be {names}, not"
                                f" {type(value).__name__} ({value!r:.60})")
+    if setting in ("routing_key", "exchange") and value is not None \
+            and not ROUTE_RE.match(value):
+        raise OperationRefused(f"{setting} {value!r:.60} is not a valid name"
+                               " (letters, digits and _ . : # * -, at most"
+                               " 255)")
     if setting == "rate_limit" and value is not None \
             and not RATE_LIMIT_RE.match(value):
         raise OperationRefused(f"rate_limit {value!r:.60} is not in Celery's"

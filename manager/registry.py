@@ -158,8 +158,13 @@ class Registry:
         try:
             tenant = self.tenants.get(policy.tenant)
             loaded = self._compile(policy, sha, tenant)
-        except (PolicySyntaxError, PolicyLoadError, ConfigurationError,
-                ScheduleError) as exc:
+        except Exception as exc:  # noqa: BLE001 - one policy, never the loop
+            # Expected: syntax, schedule and tenant errors. Anything else is
+            # a bug, but it must stay this policy's problem.
+            if not isinstance(exc, (PolicySyntaxError, PolicyLoadError,
+                                    ConfigurationError, ScheduleError)):
+                logger.exception("policy %s: could not be loaded",
+                                 policy.name)
             self._report(policy.name, str(exc))
             if entry is not None:
                 entry.enabled = policy.enabled

@@ -216,18 +216,38 @@ _CHANGING_OPS = frozenset({"tasks.set", "workers.change", "workers.queues",
                            "send_email"})
 
 
+MAX_LOGGED_CHARS = 500
+MAX_LOGGED_LINES = 50
+
+
+def printable(text, limit: int = MAX_LOGGED_CHARS) -> str:
+    """Text from a policy, safe for a log line or a terminal: control
+    characters escaped (no fake log lines, no escape sequences), bounded."""
+    text = str(text)
+    if len(text) > limit:
+        text = text[:limit] + f"... ({len(text)} characters)"
+    return "".join(c if c.isprintable() or c == "\t" else
+                   c.encode("unicode_escape").decode("ascii") for c in text)
+
+
 def _log_run_details(report: RunReport) -> None:
     extra = {"policy": report.policy, "tenant": report.tenant,
              "run_id": report.run_id}
     for call in report.outcome.calls:
         level = logging.INFO if call.op in _CHANGING_OPS else logging.DEBUG
+        if not logger.isEnabledFor(level):
+            continue
         result = call.value if call.ok else f"refused: {call.error}"
+        args = ", ".join(f"{k}={v!r}" for k, v in call.args.items())
         logger.log(level, "policy %s: %s(%s) -> %s", report.policy, call.op,
-                   ", ".join(f"{k}={v!r}" for k, v in call.args.items()),
-                   result, extra=extra)
-    for line in report.outcome.output:
-        logger.info("policy %s says: %s", report.policy, line.rstrip("\n"),
+                   printable(args), printable(result), extra=extra)
+    lines = "".join(report.outcome.output).splitlines()
+    for line in lines[:MAX_LOGGED_LINES]:
+        logger.info("policy %s says: %s", report.policy, printable(line),
                     extra=extra)
+    if len(lines) > MAX_LOGGED_LINES:
+        logger.info("policy %s: %d more output lines in its history",
+                    report.policy, len(lines) - MAX_LOGGED_LINES, extra=extra)
 
 
 def _no_calls(op: str, args: dict):

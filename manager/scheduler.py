@@ -22,6 +22,7 @@ settings policies changed.
 from __future__ import annotations
 
 import datetime as dt
+import json
 import logging
 import threading
 import time
@@ -248,6 +249,26 @@ class Scheduler:
         self._pool.shutdown(wait=False, cancel_futures=True)
 
 
+MAX_RECORDED_VALUE_CHARS = 2000
+
+
+def _bounded(value):
+    """A value as recorded: itself, or its start when it is too large."""
+    text = json.dumps(value, default=str)
+    if len(text) <= MAX_RECORDED_VALUE_CHARS:
+        return value
+    return {"truncated": text[:MAX_RECORDED_VALUE_CHARS],
+            "chars": len(text)}
+
+
+def bounded_call(call) -> dict:
+    """One call for the history, each part bounded in size."""
+    return {"op": call.op, "args": _bounded(call.args), "ok": call.ok,
+            "value": _bounded(call.value),
+            "error": None if call.error is None
+            else call.error[:MAX_RECORDED_VALUE_CHARS]}
+
+
 def record_report(store: Store, report: RunReport) -> None:
     """Write a run to the history and note it on its policy."""
     out = report.outcome
@@ -261,8 +282,7 @@ def record_report(store: Store, report: RunReport) -> None:
         error_line=getattr(error, "line", None),
         error_message=None if error is None else report.describe_error(),
         output="".join(out.output),
-        calls=[{"op": c.op, "args": c.args, "ok": c.ok, "value": c.value,
-                "error": c.error} for c in out.calls])
+        calls=[bounded_call(c) for c in out.calls])
     try:
         store.record_run(run)
     except StoreError as exc:

@@ -33,6 +33,7 @@ CRONTAB_FIELDS = ("minute", "hour", "day_of_week", "day_of_month",
 # "29 February, a Monday" can be years away; beyond this it is "never".
 MAX_LOOKAHEAD_DAYS = 366 * 8
 MIN_INTERVAL_S = 1.0
+MAX_INTERVAL_S = 366 * 24 * 3600.0
 
 
 class ScheduleError(OperationRefused):
@@ -56,9 +57,12 @@ class PolicySchedule:
     def next_after(self, moment: dt.datetime) -> dt.datetime | None:
         """The first due instant strictly after ``moment`` (aware, UTC)."""
         moment = _aware(moment)
-        if self.data["type"] == "every":
-            return moment + dt.timedelta(seconds=self.data["seconds"])
-        return _next_crontab(self.celery, self.timezone, moment)
+        try:
+            if self.data["type"] == "every":
+                return moment + dt.timedelta(seconds=self.data["seconds"])
+            return _next_crontab(self.celery, self.timezone, moment)
+        except OverflowError:
+            return None  # past the year 9999: never
 
     def is_due(self, last_run_at: dt.datetime,
                now: dt.datetime) -> tuple[bool, float]:
@@ -84,9 +88,9 @@ def build_schedule(data: dict, timezone: dt.tzinfo | str = "UTC"
         if set(data) != {"type", "seconds"} or \
                 not isinstance(seconds, (int, float)) or isinstance(seconds,
                                                                      bool) \
-                or not seconds >= MIN_INTERVAL_S or seconds == float("inf"):
-            raise ScheduleError(f"every() needs an interval of at least"
-                                f" {MIN_INTERVAL_S:g} s")
+                or not MIN_INTERVAL_S <= seconds <= MAX_INTERVAL_S:
+            raise ScheduleError(f"every() needs an interval from"
+                                f" {MIN_INTERVAL_S:g} s to 366 days")
         run_every = dt.timedelta(seconds=seconds)
         return PolicySchedule(dict(data), celery_schedules.schedule(run_every),
                               timezone)

@@ -44,7 +44,7 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_TENANT = "default"
 SCOPES = ("workers", "tasks", "queues", "recipients")
-TENANT_NAME_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+TENANT_NAME_RE = re.compile(r"\A[A-Za-z0-9_.-]{1,64}\Z")
 
 _LIMIT_KEYS = {
     "memory_mb", "cpu_time_s", "wall_timeout_s", "max_calls",
@@ -90,7 +90,9 @@ class Tenant:
     limits: RunLimits = RunLimits()
     emails_per_run: int = 5
     emails_per_hour: int = 20
-    runs_in_parallel: int = 2
+    # One run at a time by default, so with the default two slots no
+    # tenant can hold every slot.
+    runs_in_parallel: int = 1
 
     def scope(self, kind: str) -> Patterns:
         return getattr(self, kind)
@@ -202,4 +204,4 @@ def _tenant(name: str, spec: dict, where: str) -> Tenant:
                   scopes["recipients"], run_limits,
                   int(limits.get("emails_per_run", 5)),
                   int(limits.get("emails_per_hour", 20)),
-                  int(limits.get("runs_in_parallel", 2)))
+                  int(limits.get("runs_in_parallel", 1)))

@@ -29,6 +29,7 @@ import threading
 import time
 
 from celery import signals
+from celery.utils.time import rate
 from celery.worker.control import control_command, inspect_command
 
 logger = logging.getLogger(__name__)
@@ -143,17 +144,31 @@ def cm_set_task_setting(state, task_names=None, setting=None, value=None,
     """Set one setting on the named tasks (all when None)."""
     if setting not in SETTINGS:
         return _nok(f"unknown task setting {setting!r}")
+    if setting == "rate_limit" and value:
+        try:
+            rate(value)  # Celery's own parser: refuse what it cannot read
+        except (ValueError, KeyError, TypeError):
+            return _nok(f"invalid rate limit {value!r:.60}")
     names, unknown = _selected(state, task_names)
     tasks = state.app.tasks
     with _lock:
+        before = {n: getattr(tasks[n], setting, None) for n in names}
         for name in names:
             task = tasks[name]
             _originals.setdefault(name, {}).setdefault(
                 setting, getattr(task, setting, None))
             _apply(task, setting, value)
             _touched.setdefault(name, set()).add(setting)
-        _publish(tasks)
-        _rebuild(state, {setting})
+        try:
+            _publish(tasks)
+            _rebuild(state, {setting})
+        except Exception as exc:  # keep the worker usable: undo the change
+            for name, old in before.items():
+                _apply(tasks[name], setting, old)
+            _publish(tasks)
+            _rebuild(state, {setting})
+            logger.error("policy manager could not set %s: %s", setting, exc)
+            return _nok(f"could not set {setting}: {exc}")
     logger.info("policy manager set %s=%r on %s", setting, value,
                 ", ".join(names) or "no task")
     return _ok({"applied": names, "unknown": unknown})

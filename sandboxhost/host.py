@@ -440,7 +440,9 @@ class _Run:
 
     def _out(self, frame: dict) -> RunError | None:
         text = frame["text"]
-        self.output_bytes += len(text.encode("utf-8", "surrogatepass"))
+        # At least a byte per frame: empty frames are not free to serve.
+        self.output_bytes += max(1, len(text.encode("utf-8",
+                                                    "surrogatepass")))
         if self.output_bytes > self.limits.output_bytes:
             self.kill()
             return LimitExceeded(

@@ -68,11 +68,12 @@ STATS_FUNCTIONS = ("tasks", "tasks_failed", "tasks_succeeded",
                    "tasks_revoked", "tasks_ready", "tasks_unready",
                    "tasks_sent", "mean_waittime", "mean_runtime")
 
-RATE_LIMIT_RE = re.compile(r"^\d+(\.\d+)?(/[smh])?$")
+# \Z, not $: "$" also matches before a trailing newline.
+RATE_LIMIT_RE = re.compile(r"\A\d{1,9}(\.\d{1,6})?(/[smh])?\Z")
 MAX_NAME_CHARS = 512
 MAX_NAMES = 1000
 
-_TIMESTR_RE = re.compile(r"^(\d{1,2}):(\d{2})(?::(\d{2})(?:\.(\d{0,6}))?)?$")
+_TIMESTR_RE = re.compile(r"\A(\d{1,2}):(\d{2})(?::(\d{2})(?:\.(\d{0,6}))?)?\Z")
 
 # Module members left out even though public: they change the process or
 # expose C internals, and no policy needs them.

@@ -88,7 +88,9 @@ class Bridge:
 
     def print(self, text: str) -> None:
         """Send policy output to the host, within the run's output budget."""
-        size = len(text.encode("utf-8", "surrogatepass"))
+        # An empty print still costs a byte, or a flood of them would
+        # cost the host a frame each for nothing.
+        size = max(1, len(text.encode("utf-8", "surrogatepass")))
         if size > self._output_left:
             self._output_left = 0
             raise RunBudgetExceeded(

@@ -122,6 +122,8 @@ SECCOMP_DENY = (
     "settimeofday", "clock_settime", "clock_adjtime", "adjtimex",
     "iopl", "ioperm", "modify_ldt", "uselib", "vhangup", "lookup_dcookie",
     "fanotify_init", "mknod", "mknodat",
+    # File-change notifications name files Landlock does not let it read
+    "inotify_init", "inotify_init1", "inotify_add_watch",
     # System V and POSIX IPC reach other processes of the same user
     "shmget", "shmat", "shmctl", "msgget", "msgsnd", "msgrcv", "msgctl",
     "semget", "semop", "semtimedop", "semctl", "mq_open", "mq_unlink",

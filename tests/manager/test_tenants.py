@@ -109,12 +109,40 @@ def test_queues_and_recipients_are_scoped(tenants, cluster):
     assert ops("queues.length", {"queue": "media.thumbs"}) == 0
     assert refused(ops, "queues.length", {"queue": "billing"})[1] == (
         "queue 'billing' is outside tenant 'media'")
-    mail = {"subject": "s", "message": "m", "from_email": "a@b.c",
+    mail = {"subject": "s", "message": "m",
+            "from_email": "alerts@media.example.com",
             "auth_user": None, "auth_password": None}
     ops("send_email", {**mail, "recipient_list": ["Ops@Media.example.com"]})
     assert refused(ops, "send_email", {
         **mail, "recipient_list": ["boss@billing.example.com"]})[1] == (
         "recipient 'boss@billing.example.com' is outside tenant 'media'")
+    assert refused(ops, "send_email", {
+        **mail, "from_email": "ceo@billing.example.com",
+        "recipient_list": ["ops@media.example.com"]})[1] == (
+        "recipient 'ceo@billing.example.com' is outside tenant 'media'")
+
+
+def test_routing_settings_stay_in_the_tenants_queues(tenants, cluster):
+    ops = ops_for(cluster, tenants.get("media"))
+    ops("tasks.set", {"tasks": ["media.tasks.resize"],
+                      "setting": "routing_key", "value": "media.big"})
+    assert refused(ops, "tasks.set", {
+        "tasks": ["media.tasks.resize"], "setting": "exchange",
+        "value": "billing"})[1] == "queue 'billing' is outside tenant 'media'"
+
+
+def test_unknown_worker_lists_only_the_tenants_workers(tenants, cluster):
+    ops = ops_for(cluster, tenants.get("media"))
+    assert refused(ops, "workers.get", {"worker": "media-9@a",
+                                        "what": "prefetch"})[1] == (
+        "unknown worker 'media-9@a'; known: media-1@a, media-2@a")
+
+
+def test_results_name_only_the_tenants_workers(tenants, cluster):
+    ops = ops_for(cluster, tenants.get("media"))
+    result = ops("tasks.set", {"tasks": ["media.tasks.resize"],
+                               "setting": "acks_late", "value": True})
+    assert sorted(result) == ["media-1@a", "media-2@a"]
 
 
 def test_default_tenant_of_a_file_may_touch_nothing_unlisted(tenants,

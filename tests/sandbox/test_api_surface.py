@@ -143,3 +143,10 @@ def test_library_imports_give_nothing_new(host):
     # modules the template loaded, from an allow-list.
     outcome = run(host, "        x = datetime.datetime.strptime('1', '%d')\n")
     assert outcome.ok
+
+
+def test_empty_prints_count_against_the_output_budget(host):
+    outcome = run(host, "        x = [print(end='') for i in range(10 ** 6)]\n")
+    assert not outcome.ok
+    assert "output" in str(outcome.error)
+    assert len(outcome.output) <= 64 * 1024

@@ -125,7 +125,8 @@ class Scheduler:
             if entry.tenant not in self._turn:
                 self._turn.append(entry.tenant)
         nxt = self.registry.next_due(busy | self._queued)
-        self._scan_at = nxt
+        # Nothing else scheduled: look again after a while, not every turn.
+        self._scan_at = nxt or now + dt.timedelta(seconds=CHANGE_POLL_S)
 
     def run_due_once(self) -> list[RunReport]:
         """Run everything due now and wait for it (tests, benchmarks)."""
@@ -151,8 +152,7 @@ class Scheduler:
         # directory at any time, so never sleep longer than CHANGE_POLL_S.
         # Queued policies are due already and wait for a slot: a finished
         # run wakes the loop for them.
-        busy = {entry.name for entry in self._running.values()}
-        nxt = self.registry.next_due(busy | self._queued)
+        nxt = self._scan_at
         if nxt is None:
             return CHANGE_POLL_S
         return max(0.0, min(CHANGE_POLL_S, (nxt - now).total_seconds()))
@@ -220,21 +220,26 @@ class Scheduler:
         self._running[future] = entry
 
     def _collect(self) -> None:
+        finished = []
         for future in [f for f in self._running if f.done()]:
             entry = self._running.pop(future)
             self._per_tenant[entry.tenant] -= 1
             try:
-                report = future.result()
+                finished.append(future.result())
             except Exception:  # the runner itself failed: a bug
                 logger.exception("policy %s: the run could not be made",
                                  entry.name)
-                continue
-            self._record(report)
-
-    def _record(self, report: RunReport) -> None:
-        record_report(self.store, report)
+        if not finished:
+            return
+        # One transaction for everything that finished in this turn.
+        try:
+            self.store.record_runs([run_record(r) for r in finished])
+        except StoreError as exc:
+            logger.error("%d run(s) could not be recorded (%s): %s",
+                         len(finished),
+                         ", ".join(r.run_id for r in finished), exc)
         if self.keep_reports:
-            self.reports.append(report)
+            self.reports.extend(finished)
 
     def _drain(self) -> None:
         """Let running children finish within a bound, then record them."""
@@ -269,11 +274,11 @@ def bounded_call(call) -> dict:
             else call.error[:MAX_RECORDED_VALUE_CHARS]}
 
 
-def record_report(store: Store, report: RunReport) -> None:
-    """Write a run to the history and note it on its policy."""
+def run_record(report: RunReport) -> Run:
+    """A run as the history keeps it."""
     out = report.outcome
     error = out.error
-    run = Run(
+    return Run(
         run_id=report.run_id, policy=report.policy, tenant=report.tenant,
         started=report.started.timestamp(), duration_s=out.duration_s,
         applied=out.applied, outcome=outcome_word(out),
@@ -283,8 +288,12 @@ def record_report(store: Store, report: RunReport) -> None:
         error_message=None if error is None else report.describe_error(),
         output="".join(out.output),
         calls=[bounded_call(c) for c in out.calls])
+
+
+def record_report(store: Store, report: RunReport) -> None:
+    """Write a run to the history and note it on its policy."""
     try:
-        store.record_run(run)
+        store.record_run(run_record(report))
     except StoreError as exc:
         logger.error("policy %s: run %s could not be recorded: %s",
                      report.policy, report.run_id, exc)

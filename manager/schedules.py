@@ -33,6 +33,8 @@ CRONTAB_FIELDS = ("minute", "hour", "day_of_week", "day_of_month",
 # "29 February, a Monday" can be years away; beyond this it is "never".
 MAX_LOOKAHEAD_DAYS = 366 * 8
 MIN_INTERVAL_S = 1.0
+# More than any daylight-saving jump (the largest in use is two hours).
+DST_SPAN = dt.timedelta(hours=3)
 MAX_INTERVAL_S = 366 * 24 * 3600.0
 
 
@@ -129,33 +131,53 @@ def _instant(local: dt.datetime, timezone: dt.tzinfo) -> dt.datetime:
     return local.replace(tzinfo=timezone, fold=0).astimezone(UTC)
 
 
+def _offset(timezone: dt.tzinfo, local: dt.datetime) -> dt.timedelta:
+    return local.replace(tzinfo=timezone).utcoffset()
+
+
 def _next_crontab(cron, timezone: dt.tzinfo,
                   after: dt.datetime) -> dt.datetime | None:
+    """The earliest matching instant after ``after``.
+
+    Local times are visited in order. A time skipped by a forward jump
+    maps to an instant past the jump, so it may come later than a valid
+    time a little further on; but never later than DST_SPAN further on,
+    which bounds the search once a candidate is found.
+    """
     minutes = sorted(cron.minute)
     hours = sorted(cron.hour)
     # Celery counts days of the week from Sunday = 0; Python from Monday.
     weekdays = {(d - 1) % 7 for d in cron.day_of_week}
-    local_start = after.astimezone(timezone).replace(tzinfo=None)
-    # Start a day early: a time skipped by a forward jump maps past the
-    # jump, so yesterday's late times may still lie ahead. A skipped time
-    # can also map past a valid later time of the same day, so take the
-    # earliest instant of the first matching day and the next one.
-    day = local_start.date() - dt.timedelta(days=1)
-    found: list[dt.datetime] = []
-    days_with_candidates = 0
+    local_after = after.astimezone(timezone).replace(tzinfo=None)
+    lower = local_after - DST_SPAN
+    # Usually no clock change is near: then local order is instant order
+    # and the first matching local time after ``after`` is the answer.
+    steady = (_offset(timezone, lower) == _offset(timezone, local_after)
+              == _offset(timezone, local_after + 2 * DST_SPAN))
+    if steady:
+        lower = local_after
+    day = lower.date()
+    best: dt.datetime | None = None
+    best_local: dt.datetime | None = None
     for _ in range(MAX_LOOKAHEAD_DAYS):
+        if best_local is not None and \
+                dt.datetime.combine(day, dt.time()) - best_local > DST_SPAN:
+            break
         if (day.month in cron.month_of_year and day.day in cron.day_of_month
                 and day.weekday() in weekdays):
-            ahead = [instant for hour in hours for minute in minutes
-                     if (instant := _instant(
-                         dt.datetime.combine(day, dt.time(hour, minute)),
-                         timezone)) > after]
-            if ahead:
-                found.append(min(ahead))
-                days_with_candidates += 1
-                if days_with_candidates == 2:
-                    break
-        elif found:
-            break
+            for hour in hours:
+                if dt.datetime.combine(day, dt.time(hour, 59)) < lower:
+                    continue
+                for minute in minutes:
+                    local = dt.datetime.combine(day, dt.time(hour, minute))
+                    if local < lower:
+                        continue
+                    if best_local is not None and local - best_local > DST_SPAN:
+                        return best
+                    instant = _instant(local, timezone)
+                    if instant > after and (best is None or instant < best):
+                        best, best_local = instant, local
+                        if steady:
+                            return best
         day += dt.timedelta(days=1)
-    return min(found) if found else None
+    return best

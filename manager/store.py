@@ -431,6 +431,28 @@ class Store:
                               run.error_message)
         return result.inserted_primary_key[0]
 
+    def record_runs(self, batch: Sequence[Run]) -> None:
+        """Add several runs, and note each on its policy, in one
+        transaction (the manager loop writes what finished in a turn)."""
+        if not batch:
+            return
+        rows = []
+        for run in batch:
+            values = {f.name: getattr(run, f.name) for f in fields(Run)
+                      if f.name != "id"}
+            values["calls"] = json.dumps(run.calls, default=str)
+            rows.append(values)
+        last = policies.update().where(
+            policies.c.name == sa.bindparam("p_name")).values(
+                last_run_at=sa.bindparam("p_at"),
+                last_outcome=sa.bindparam("p_outcome"),
+                last_error=sa.bindparam("p_error"))
+        with self._write(f"record {len(batch)} runs") as conn:
+            conn.execute(runs.insert(), rows)
+            conn.execute(last, [{"p_name": r.policy, "p_at": r.started,
+                                 "p_outcome": r.outcome,
+                                 "p_error": r.error_message} for r in batch])
+
     def list_runs(self, policy: str,
                   limit: int = DEFAULT_RUNS_LIMIT) -> list[Run]:
         """A policy's runs, newest first."""

@@ -24,6 +24,7 @@ from sandboxhost import language
 from sandboxhost.errors import PolicySyntaxError, Violation
 
 from manager.errors import ConfigurationError, ManagerError
+from manager.runner import printable
 
 logger = logging.getLogger(__name__)
 
@@ -170,7 +171,10 @@ def _print_report(loaded, report, emails, as_json: bool) -> None:
         return
     print(f"policy:    {loaded.name} ({loaded.filename})")
     print(f"schedule:  {data['schedule']}")
-    print(f"condition: {data['condition']}")
+    condition = data["condition"]
+    if condition is None and report.error is not None:
+        condition = "not known (the run failed first)"
+    print(f"condition: {condition}")
     print(f"applied:   {'yes' if data['applied'] else 'no'}")
     for call in data["calls"]:
         result = call["value"] if call["ok"] else f"error: {call['error']}"
@@ -179,13 +183,16 @@ def _print_report(loaded, report, emails, as_json: bool) -> None:
     for email in emails:
         print(f"email:     {email.subject!r} to"
               f" {', '.join(email.recipient_list)} (not sent: dry run)")
-    from manager.runner import printable
     for line in "".join(data["output"]).splitlines():
         print(f"output:    {printable(line, 2000)}")
-    error = report.describe_error()
-    if error:
-        print(f"error:     {loaded.filename}:{report.error.line or '?'}:"
-              f" {error}")
+    error = report.error
+    if error is not None:
+        where = f"{loaded.filename}:{error.line}" if error.line \
+            else loaded.filename
+        kind = getattr(error, "type_name", error.kind)
+        section = f"in {error.section}: " if error.section else ""
+        print(f"error:     {where}: {section}{printable(error.message, 2000)}"
+              f" ({kind})")
     print(f"result:    {data['outcome']} in"
           f" {data['duration_s'] * 1000:.1f} ms")
 
@@ -223,6 +230,9 @@ def _cmd_try(args: argparse.Namespace) -> int:
     if now is not None and now.tzinfo is None:
         now = now.replace(tzinfo=cluster.timezone)
     mailer = Mailer(None)
+    if not args.verbose:
+        # The report below says what failed; the log would say it twice.
+        logging.getLogger("manager.runner").setLevel(logging.CRITICAL)
     with Host() as host:
         runner = PolicyRunner(host, timezone=cluster.timezone)
         loaded, code = _load_for_cli(runner, args.file, now=now)
@@ -293,9 +303,10 @@ def _cmd_show(args: argparse.Namespace, ctx: Context) -> int:
     policy = _policy_or_fail(ctx, args.name)
     if policy is None:
         return EXIT_FAILED
+    outcome = f" ({policy.last_outcome})" if policy.last_outcome else ""
     print(f"# {policy.name} (tenant {policy.tenant},"
           f" {'enabled' if policy.enabled else 'disabled'}; last run"
-          f" {_when(policy.last_run_at)} {policy.last_outcome or ''})")
+          f" {_when(policy.last_run_at)}{outcome})")
     if policy.last_error:
         print(f"# last error: {policy.last_error}")
     print(policy.source, end="" if policy.source.endswith("\n") else "\n")
@@ -327,6 +338,10 @@ def _cmd_history(args: argparse.Namespace, ctx: Context) -> int:
         return EXIT_USAGE
     names = [args.name] if args.name else \
         [p.name for p in ctx.store.list_policies(args.tenant)]
+    if args.name and ctx.store.get_policy(args.name) is None \
+            and not ctx.store.list_runs(args.name, limit=1):
+        print(f"no policy named {args.name!r}", file=sys.stderr)
+        return EXIT_FAILED
     runs = [run for name in names for run in
             ctx.store.list_runs(name, limit=args.limit)]
     if args.tenant:

@@ -56,6 +56,37 @@ class SimWorker:
             self.prefetch = self.subprocesses * self.prefetch_multiplier
 
 
+def _check_fixture(data: dict) -> None:
+    """Refuse a fixture whose values have the wrong types, naming them."""
+    def fail(where: str, expected: str):
+        raise ConfigurationError(f"bad cluster fixture: {where} must be"
+                                 f" {expected}")
+
+    for key in ("workers", "tasks", "queues"):
+        if not isinstance(data.get(key, {}), dict):
+            fail(key, "an object")
+    for name, spec in data.get("workers", {}).items():
+        if not isinstance(spec, dict):
+            fail(f"workers.{name}", "an object")
+        for field_name in ("subprocesses", "prefetch", "prefetch_multiplier"):
+            value = spec.get(field_name, 1)
+            if not isinstance(value, int) or isinstance(value, bool) \
+                    or value < 0:
+                fail(f"workers.{name}.{field_name}", "a whole number")
+        if not isinstance(spec.get("queues", []), list):
+            fail(f"workers.{name}.queues", "a list of queue names")
+    for name, length in data.get("queues", {}).items():
+        if not isinstance(length, int) or isinstance(length, bool) \
+                or length < 0:
+            fail(f"queues.{name}", "a whole number")
+    if not isinstance(data.get("records", []), list):
+        fail("records", "a list")
+    for index, spec in enumerate(data.get("records", [])):
+        if not isinstance(spec, dict) or not isinstance(spec.get("name"),
+                                                        str):
+            fail(f"records[{index}]", "an object with a task name")
+
+
 class SimulatedCluster:
     """In-memory stand-in for a Celery cluster, its event store and mailer."""
 
@@ -118,6 +149,7 @@ class SimulatedCluster:
         if not isinstance(data, dict) or set(data) - known:
             raise ConfigurationError("a cluster fixture is an object with"
                                      f" keys among {', '.join(sorted(known))}")
+        _check_fixture(data)
         cluster = cls(data.get("timezone", "UTC"))
         try:
             for name, spec in data.get("workers", {}).items():

@@ -436,6 +436,12 @@ class WorkerCounter(_Proxy):
             "workers": _worker_list(self._names), "what": self._what,
             "by": -_count(n)})
 
+    def __iadd__(self, other):
+        raise TypeError(f"use .{self._what}.increment(n) or"
+                        f" .{self._what}.decrement(n) to change it")
+
+    __isub__ = __iadd__
+
     def __repr__(self) -> str:
         return f"<{self._what} of {_worker_list(self._names) or 'all'}>"
 

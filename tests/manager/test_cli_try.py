@@ -57,9 +57,18 @@ def test_failing_policy_names_its_line_and_exits_1(tmp_path):
                     "        workers['nope@x'].prefetch.increment()\n")
     result = cmpolicy("try", str(path), "--cluster", str(FIXTURE))
     assert result.returncode == 1
-    assert (f"error:     {path}:6: in apply at line 6: unknown worker"
+    assert (f"error:     {path}:6: in apply: unknown worker"
             " 'nope@x'; known: w1@node1, w2@node1 (UnknownName)") \
         in result.stdout
+    assert result.stderr == ""
+
+
+def test_a_fixture_with_wrong_types_is_a_usage_error(tmp_path, examples):
+    fixture = tmp_path / "c.json"
+    fixture.write_text('{"queues": {"celery": "ten"}}')
+    result = cmpolicy("try", str(examples[0]), "--cluster", str(fixture))
+    assert result.returncode == 2
+    assert "queues.celery must be a whole number" in result.stderr
 
 
 def test_syntax_errors_are_printed_like_check(tmp_path):

@@ -172,6 +172,34 @@ def test_an_edited_policy_is_picked_up(manager_run):
         output.text[-3000:]
 
 
+def test_cmpolicy_run_changes_the_real_worker_once(manager_run, tmp_path):
+    cluster, proc, output, policies, store = manager_run
+    path = tmp_path / "once.policy"
+    path.write_text("policy:\n    schedule:\n        crontab()\n"
+                    "    apply:\n"
+                    "        print(workers['e2e@test'].queues.add('once'))\n")
+    result = subprocess.run(
+        [sys.executable, "-m", "manager.cli", "run", str(path), "--broker",
+         cluster.env["CM_TEST_BROKER"], "--state-dir",
+         str(cluster.state_dir if cluster.kind == "filesystem"
+             else tmp_path / "state")],
+        capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "call:      workers.queues(workers=['e2e@test'], action='add'," \
+        " queue='once')" in result.stdout
+    control = CeleryCluster(cluster.app)
+    assert eventually(lambda: "once" in control.get_worker(WORKER,
+                                                            "queues"))
+    bad = tmp_path / "bad.policy"
+    bad.write_text(path.read_text().replace("e2e@test", "nope@test"))
+    result = subprocess.run(
+        [sys.executable, "-m", "manager.cli", "run", str(bad), "--broker",
+         cluster.env["CM_TEST_BROKER"], "--state-dir", str(tmp_path / "s2")],
+        capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1
+    assert "unknown worker 'nope@test'" in result.stdout
+
+
 def test_stopping_cmrun_restores_task_settings(manager_run):
     cluster, proc, output, policies, store = manager_run
     control = CeleryCluster(cluster.app)

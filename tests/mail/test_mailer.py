@@ -235,3 +235,49 @@ def test_password_comes_from_a_file_or_the_environment(tmp_path, monkeypatch):
                                          password_file=str(secret))
     assert (settings.password, settings.port) == ("from-file", 587)
     assert "from-file" not in repr(settings)
+
+
+def test_nightly_report_example_sends_its_mail_end_to_end(smtp, examples):
+    """The example policy, through the sandbox, to a real SMTP server."""
+    import datetime as dt
+
+    from sandboxhost.host import Host
+    from manager.runner import PolicyRunner, load_file
+
+    nightly = next(p for p in examples
+                   if p.name == "nightly-report-missing.policy")
+    inbox, port = smtp()
+    cluster = SimulatedCluster()
+    cluster.add_task("reports.tasks.nightly_export")
+    now = dt.datetime(2026, 12, 4, 3, 0, tzinfo=dt.timezone.utc)
+    with Host() as host:
+        runner = PolicyRunner(host)
+        policy = load_file(runner, nightly)
+        report = runner.run(policy, cluster=cluster, stats=cluster,
+                            mailer=mailer_for(port), now=now)
+    assert report.ok, report.error
+    (sender, recipients, message, _), = inbox.received
+    assert (sender, recipients) == ("celery-policies@example.com",
+                                    ["oncall@example.com"])
+    assert message["Subject"] == "nightly_export did not run"
+
+
+def test_a_server_that_refuses_is_a_policy_error_at_the_line(smtp, examples):
+    import datetime as dt
+
+    from sandboxhost.host import Host
+    from manager.runner import PolicyRunner, load_file
+
+    nightly = next(p for p in examples
+                   if p.name == "nightly-report-missing.policy")
+    _, port = smtp(refuse="554 no thanks")
+    cluster = SimulatedCluster()
+    now = dt.datetime(2026, 12, 4, 3, 0, tzinfo=dt.timezone.utc)
+    with Host() as host:
+        runner = PolicyRunner(host)
+        report = runner.run(load_file(runner, nightly), cluster=cluster,
+                            stats=cluster, mailer=mailer_for(port), now=now)
+    assert not report.ok
+    assert (report.error.section, report.error.line) == ("apply", 11)
+    assert report.error.type_name == "MailError"
+    assert "554 no thanks" in report.error.message

@@ -13,23 +13,26 @@ SandboxError
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections import namedtuple
 
 
 class SandboxError(Exception):
     """Root of every error raised by ``sandboxhost``."""
 
 
-@dataclass(frozen=True)
-class Violation:
-    """One broken rule, located in the policy file."""
+_ViolationFields = namedtuple(
+    "_ViolationFields",
+    "filename section line column source_line message")
 
-    filename: str
-    section: str | None
-    line: int
-    column: int
-    source_line: str
-    message: str
+
+class Violation(_ViolationFields):
+    """One broken rule, located in the policy file.
+
+    A named tuple, not a dataclass: this module is imported by the template
+    process that forks every child, and dataclasses would bring ``inspect``.
+    """
+
+    __slots__ = ()
 
     def __str__(self) -> str:
         return f"{self.filename}:{self.line}:{self.column}: error: {self.message}"

@@ -28,6 +28,7 @@ from sandboxhost.errors import PolicySyntaxError, Violation
 from sandboxhost.rules import (
     ALLOWED_NODES,
     API_NAMES,
+    FORMAT_HOOK,
     NODE_HINTS,
     NODE_WORDS,
     SECTION_API,
@@ -44,10 +45,6 @@ MAX_BRACKET_DEPTH = 32
 MAX_TOKENS_PER_LINE = 1000
 MAX_TREE_DEPTH = 64
 MAX_VIOLATIONS = 200
-
-# The name the compiler routes ``<expr>.format`` through; policy code
-# cannot spell it (leading underscore), the child runtime defines it.
-FORMAT_HOOK = "__cm_format__"
 
 _FORMAT_ATTRIBUTES = frozenset({"format"})
 

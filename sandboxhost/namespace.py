@@ -30,8 +30,7 @@ import _strptime  # noqa: F401
 import locale  # noqa: F401
 import sys
 
-from sandboxhost.language import FORMAT_HOOK
-from sandboxhost.rules import ALLOWED_BUILTINS, name_problem
+from sandboxhost.names import ALLOWED_BUILTINS, FORMAT_HOOK, name_problem
 
 # Call names and their argument keys, shared with the manager's checks.
 OPS = {

@@ -228,11 +228,46 @@ def cm_pool(state, n=0, **kwargs):
         if n > 0:
             consumer.pool.grow(n)
         elif n < 0:
-            consumer.pool.shrink(-n)
+            _shrink(consumer.pool, -n)
     except (ValueError, AttributeError, NotImplementedError) as exc:
         return _nok(f"cannot resize the pool: {exc}")
     consumer._update_prefetch_count(n)
     return _ok(_worker_state(consumer))
+
+
+def _shrink(task_pool, n: int) -> None:
+    """Remove n idle pool processes without killing one mid-read.
+
+    With a blocking pool (brokers without an event loop, such as the
+    filesystem transport) every pool process reads jobs from one shared
+    queue under one lock, and an idle process usually sits inside that
+    read, holding the lock. Celery's shrink kills idle processes; killing
+    the holder leaves the lock taken forever and the pool never runs
+    another task. Here each process to remove is sent an end-of-work
+    marker through the queue instead: whichever idle process reads it
+    leaves cleanly, lock released. Pools with their own queue per process
+    (the event-loop pool, used with Redis) shrink the usual way.
+    """
+    from billiard.pool import Pool as BlockingPool
+    from celery.concurrency.asynpool import AsynPool
+
+    pool = task_pool._pool
+    if not isinstance(pool, BlockingPool) or isinstance(pool, AsynPool):
+        task_pool.shrink(n)
+        return
+    idle = list(pool._iterinactive())
+    if len(idle) < n:
+        raise ValueError("cannot shrink the pool: its processes are busy")
+    for _ in range(n):
+        pool._processes -= 1
+        if pool._putlock:
+            pool._putlock.shrink()
+    # A process that reads the marker exits with status 1, which the pool
+    # would log as a crash; these exits are asked for.
+    for process in idle:
+        process._controlled_termination = True
+    for _ in range(n):
+        pool._quick_put(None)
 
 
 @control_command(args=[("n", int)])

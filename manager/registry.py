@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sandboxhost.errors import PolicySyntaxError
+from sandboxhost.language import check
 
 from manager.errors import ConfigurationError, StoreError
 from manager.runner import LoadedPolicy, PolicyLoadError, PolicyRunner
@@ -110,6 +111,14 @@ class Registry:
                 continue
             stored = self.store.get_policy(name)
             if stored is not None and stored.source == source:
+                continue
+            problems = check(source, str(path))
+            if problems:
+                # The store keeps the last good text, so the good version
+                # also survives a restart of the manager.
+                self._report(name, "\n".join(str(p) for p in problems)
+                             + ("; its last good version keeps running"
+                                if stored else ""))
                 continue
             origin = dict((stored.schedule or {}) if stored else {})
             origin["origin"] = str(path)

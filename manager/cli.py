@@ -99,8 +99,8 @@ class Context:
                 f" database {self.store.safe_url}")
 
 
-def shared_options() -> argparse.ArgumentParser:
-    """The options cmpolicy, cmevents and cmrun have in common."""
+def cluster_options() -> argparse.ArgumentParser:
+    """Where the cluster and the store are, and -v: every command's."""
     parent = argparse.ArgumentParser(add_help=False)
     group = parent.add_argument_group("cluster and store")
     group.add_argument("-A", "--app", help="the Celery app (module or"
@@ -112,6 +112,16 @@ def shared_options() -> argparse.ArgumentParser:
     group.add_argument("--state-dir", type=Path, help="the local state"
                        " directory (default: $CMPOLICY_STATE_DIR or"
                        " ~/.local/state/celery-policy-manager)")
+    parent.add_argument("-v", "--verbose", action="count", default=0,
+                        help="more log output (repeat for debug)")
+    return parent
+
+
+def shared_options() -> argparse.ArgumentParser:
+    """The options of cmpolicy and cmrun: the cluster, tenants and mail."""
+    parent = argparse.ArgumentParser(add_help=False,
+                                     parents=[cluster_options()])
+    group = parent.add_argument_group("tenants")
     group.add_argument("--tenants", metavar="FILE",
                        help="tenants file (TOML); without one, every policy"
                        " may touch every worker and task")
@@ -125,8 +135,6 @@ def shared_options() -> argparse.ArgumentParser:
     mail.add_argument("--smtp-password-file", metavar="FILE",
                       help="file holding the SMTP password (else"
                       " $CMPOLICY_SMTP_PASSWORD)")
-    parent.add_argument("-v", "--verbose", action="count", default=0,
-                        help="more log output (repeat for debug)")
     return parent
 
 

@@ -37,7 +37,6 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterable
-from pathlib import Path
 
 from celery import Celery
 from celery.events.receiver import EventReceiver
@@ -475,19 +474,11 @@ def consume(app: Celery, recorder: Recorder, stopping: threading.Event, *,
 # -- command line --------------------------------------------------------------------
 
 def _parser() -> argparse.ArgumentParser:
+    from manager.cli import cluster_options
     parser = argparse.ArgumentParser(
-        prog="cmevents", description="Record Celery task events into the"
-        " policy manager's store, for the stats API. Runs until SIGINT or"
-        " SIGTERM.")
-    parser.add_argument("-A", "--app", help="the Celery app (module or"
-                        " module:attribute), for its broker settings")
-    parser.add_argument("--broker", help="broker URL (default: the app's,"
-                        " else filesystem:// in the state directory)")
-    parser.add_argument("--db", help="store URL (default: manager.db in the"
-                        " state directory)")
-    parser.add_argument("--state-dir", type=Path, help="state directory"
-                        " (default: $CMPOLICY_STATE_DIR or"
-                        " $XDG_STATE_HOME/celery-policy-manager)")
+        prog="cmevents", parents=[cluster_options()],
+        description="Record Celery task events into the policy manager's"
+        " store, for the stats API. Runs until SIGINT or SIGTERM.")
     parser.add_argument("--retention-days", type=float,
                         default=DEFAULT_RETENTION_DAYS,
                         help="delete tasks older than this; 0 keeps them"
@@ -495,22 +486,14 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--enable-events", action="store_true",
                         help="ask workers to send task events, now and when"
                         " they come online")
-    parser.add_argument("-v", "--verbose", action="count", default=0,
-                        help="more log output (repeat for debug)")
     return parser
-
-
-def _configure_logging(verbosity: int) -> None:
-    level = max(logging.DEBUG, logging.INFO - 10 * verbosity)
-    logging.basicConfig(level=level, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s:"
-                        " %(message)s")
 
 
 def cmevents_main(argv: list[str] | None = None) -> int:
     """Entry point of ``cmevents``."""
     args = _parser().parse_args(argv)
-    _configure_logging(args.verbose)
+    from manager.cli import configure_logging
+    configure_logging(args.verbose, default=logging.INFO)
     if args.retention_days < 0:
         logger.error("cmevents: --retention-days must be 0 or more")
         return EXIT_USAGE

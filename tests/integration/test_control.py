@@ -8,6 +8,8 @@ from celery.exceptions import TimeLimitExceeded
 from manager.control import CeleryCluster
 from manager.errors import OperationRefused, UnknownName, WorkerUnreachable
 
+from helpers import eventually
+
 pytestmark = pytest.mark.integration
 
 W1, W2 = "w1@test", "w2@test"
@@ -25,16 +27,6 @@ def control(workers):
     cc = CeleryCluster(workers.app)
     yield cc
     cc.restore()
-
-
-def eventually(check, timeout=15.0, interval=0.1):
-    """Poll ``check`` until it returns a true value; return that value."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = check()
-        if value or time.monotonic() > deadline:
-            return value
-        time.sleep(interval)
 
 
 def pool_size(app, worker):

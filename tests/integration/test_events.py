@@ -13,6 +13,9 @@ import sys
 import time
 import uuid
 
+from functools import partial
+
+from helpers import eventually as _eventually
 import pytest
 
 from manager.stats import query_records
@@ -29,14 +32,7 @@ WAIT_S = 60.0
 ALL_FUNCTIONS = STATS_COUNTS + ("mean_waittime", "mean_runtime")
 
 
-def eventually(check, timeout=WAIT_S, interval=0.1):
-    """Poll ``check`` until it returns a true value; return that value."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = check()
-        if value or time.monotonic() > deadline:
-            return value
-        time.sleep(interval)
+eventually = partial(_eventually, timeout=WAIT_S)
 
 
 class RecorderProcess:

@@ -13,8 +13,10 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 
+from functools import partial
+
+from helpers import eventually as _eventually
 import pytest
 
 from manager.control import CeleryCluster
@@ -72,13 +74,7 @@ wall_timeout_s = 1.5
 """
 
 
-def eventually(check, timeout=60.0, interval=0.2):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = check()
-        if value or time.monotonic() > deadline:
-            return value
-        time.sleep(interval)
+eventually = partial(_eventually, timeout=60.0, interval=0.2)
 
 
 class Output:

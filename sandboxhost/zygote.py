@@ -373,6 +373,7 @@ class Zygote:
         self.users: dict[str, tuple[int, int]] = {}
         self.forks = 0
         self.kernel = _Kernel(seccomp)
+        runtime.rehearse()
         # Built once here; each child uses its own copy-on-write copy.
         self.runtime = runtime.Runtime(Channel(CHILD_FD),
                                        allow_test_builtins=allow_test_builtins)

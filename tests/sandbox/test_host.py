@@ -271,6 +271,23 @@ def test_children_get_the_real_namespace_unless_the_host_is_for_tests():
     assert outcome.error.message == "name 'open' is not defined"
 
 
+def test_children_see_nothing_of_the_templates_rehearsal():
+    # The template serves itself a policy that sets x and prints before it
+    # freezes its heap; a child's namespaces must be the pristine ones.
+    with Host() as host:
+        outcome = host.run(wire("print(x)"), handler=no_calls)
+        reported = host.run(wire("print(1)"), handler=no_calls)
+    assert outcome.error.type_name == "NameError"
+    assert outcome.error.message == "name 'x' is not defined"
+    assert reported.ok and reported.output == ["1\n"]
+
+
+def test_a_rehearsal_runs_every_mode_and_leaves_no_open_descriptor():
+    before = sorted(os.listdir("/proc/self/fd"))
+    runtime.rehearse(rounds=4)
+    assert sorted(os.listdir("/proc/self/fd")) == before
+
+
 def test_the_runtime_refuses_test_builtins_it_was_not_started_for():
     ours, theirs = socket.socketpair()
     frame = {"t": "start", "mode": "run", "policy": "p", "code": wire(),

@@ -160,7 +160,7 @@ class _Job:
 class _Zygote:
     """One template process and the host's end of its control socket."""
 
-    def __init__(self, allow_test_builtins: bool):
+    def __init__(self, allow_test_builtins: bool, fork_helper: bool = True):
         self._ids = itertools.count(1)
         self._jobs: dict[int, _Job] = {}
         self._lock = threading.Lock()
@@ -168,7 +168,8 @@ class _Zygote:
         self.control, theirs = socket.socketpair(socket.AF_UNIX,
                                                  socket.SOCK_SEQPACKET)
         self.process = ZygoteProcess(
-            target=zygote.spawn_entry, args=(theirs, allow_test_builtins),
+            target=zygote.spawn_entry,
+            args=(theirs, allow_test_builtins, fork_helper),
             name="sandboxhost-zygote", daemon=True)
         try:
             self.process.start()
@@ -526,8 +527,12 @@ class _Run:
 class Host:
     """Runs compiled policy sections in hardened children; thread-safe."""
 
-    def __init__(self, *, unsafe_test_builtins: bool = False):
+    def __init__(self, *, unsafe_test_builtins: bool = False,
+                 fork_helper: bool = True):
+        """``fork_helper=False`` hardens children in Python even where the
+        C helper is built (tests of that path)."""
         self._unsafe = unsafe_test_builtins
+        self._fork_helper = fork_helper
         self._lock = threading.Lock()
         self._zygote: _Zygote | None = None
         self._zygotes_started = 0
@@ -564,6 +569,13 @@ class Host:
             return dict(self._ensure_zygote().caps.get("missing", {}))
 
     @property
+    def fork_helper(self) -> bool:
+        """Whether children are forked and hardened by the C helper (not
+        by the slower Python path). Starts the template process if needed."""
+        with self._lock:
+            return bool(self._ensure_zygote().caps.get("fork_helper"))
+
+    @property
     def zygote_pid(self) -> int | None:
         zyg = self._zygote
         return zyg.pid if zyg is not None else None
@@ -580,7 +592,7 @@ class Host:
             zyg.stop()
             self._zygote = None
         try:
-            zyg = _Zygote(self._unsafe)
+            zyg = _Zygote(self._unsafe, self._fork_helper)
         except HostError:
             raise
         except Exception as exc:
@@ -599,6 +611,10 @@ class Host:
             logger.warning("UNSAFE: policy children get full Python builtins"
                            " (test mode)")
         missing = caps.get("missing", {})
+        if self._fork_helper and not caps.get("fork_helper"):
+            missing = dict(missing, fork_helper=(
+                "sandboxhost._forkhelper is not built; children are hardened"
+                " by slower Python code (reinstall with a C compiler)"))
         key = tuple(sorted(missing.items()))
         if key == self._reported_caps:
             return

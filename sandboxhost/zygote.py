@@ -46,6 +46,11 @@ import msgpack
 from sandboxhost import runtime
 from sandboxhost.protocol import Channel
 
+try:
+    from sandboxhost import _forkhelper
+except ImportError:   # not built: children are hardened in Python instead
+    _forkhelper = None
+
 # The zygote has no log handler of its own: what the host must know goes
 # back as control messages (caps, fork_failed, exit).
 logger = logging.getLogger(__name__)
@@ -204,6 +209,7 @@ class _Kernel:
         self.ruleset_fd: int | None = None
         # The address of the prebuilt sock_fprog, or None.
         self.seccomp: int | None = None
+        self.seccomp_program: bytes | None = None
         self._build_landlock()
         self._load_seccomp_program(seccomp)
         self.root = os.geteuid() == 0
@@ -270,13 +276,15 @@ class _Kernel:
             self.missing["seccomp"] = seccomp.error or "no filter was built"
             return
         program = seccomp.program
+        self.seccomp_program = program
         self._bpf = ctypes.create_string_buffer(program, len(program))
         self._fprog = _SockFprog(len(program) // _BPF_INSN_BYTES,
                                  ctypes.addressof(self._bpf))
         self.seccomp = ctypes.addressof(self._fprog)
 
-    def caps(self, allow_test_builtins: bool) -> dict:
+    def caps(self, allow_test_builtins: bool, fork_helper: bool) -> dict:
         return {
+            "fork_helper": fork_helper,
             "t": "caps", "pid": os.getpid(), "root": self.root,
             "landlock_abi": self.landlock_abi,
             "missing": dict(self.missing),
@@ -364,7 +372,7 @@ class Zygote:
     """The fork server loop; runs in the spawned template process."""
 
     def __init__(self, control: socket.socket, allow_test_builtins: bool,
-                 seccomp: SeccompProgram):
+                 seccomp: SeccompProgram, fork_helper: bool = True):
         self.control = control
         self.allow_test_builtins = allow_test_builtins
         self.pid = os.getpid()
@@ -378,6 +386,10 @@ class Zygote:
         self.runtime = runtime.Runtime(Channel(CHILD_FD),
                                        allow_test_builtins=allow_test_builtins)
         self.raw_fork = _single_threaded()
+        # The C helper forks without Python's after-fork work too, so it
+        # needs the same single thread.
+        self.fork_helper = (fork_helper and _forkhelper is not None
+                            and self.raw_fork)
         self.wake_r, self.wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
 
     # -- control -------------------------------------------------------------
@@ -388,7 +400,7 @@ class Zygote:
     def serve_forever(self) -> None:
         signal.signal(signal.SIGCHLD, lambda signum, frame: None)
         signal.set_wakeup_fd(self.wake_w, warn_on_full_buffer=False)
-        self.send(self.kernel.caps(self.allow_test_builtins))
+        self.send(self.kernel.caps(self.allow_test_builtins, self.fork_helper))
         gc.collect()
         gc.freeze()
         gc.disable()
@@ -449,11 +461,14 @@ class Zygote:
             user = None
             if self.kernel.root and limits.get("run_as_user"):
                 user = self._user(limits["run_as_user"])
-            pid = self.kernel.fork() if self.raw_fork else os.fork()
+            if self.fork_helper:
+                pid = self._fork_hardened(fd, limits, user)
+            else:
+                pid = self.kernel.fork() if self.raw_fork else os.fork()
             if pid < 0:
                 err = ctypes.get_errno()
                 raise OSError(err, f"fork: {os.strerror(err)}")
-        except (KeyError, OSError) as exc:
+        except (KeyError, OSError, ValueError) as exc:
             os.close(fd)
             self.send({"t": "fork_failed", "id": request_id,
                        "message": f"{type(exc).__name__}: {exc}"})
@@ -467,6 +482,25 @@ class Zygote:
         self.forks += 1
         if self.forks % GC_EVERY_FORKS == 0:
             gc.collect()
+
+    def _fork_hardened(self, fd: int, limits: dict,
+                       user: tuple[int, int] | None) -> int:
+        """Fork through the C helper; in the child, serve and never return."""
+        kernel = self.kernel
+        uid, gid = user if user is not None else (-1, -1)
+        ruleset_fd = -1
+        if limits.get("landlock") and kernel.ruleset_fd is not None:
+            ruleset_fd = kernel.ruleset_fd
+        program = kernel.seccomp_program if limits.get("seccomp") else None
+        pid = _forkhelper.fork_child(
+            fd, self.pid, int(limits["open_files"]), int(limits["cpu_time_s"]),
+            int(limits["memory_bytes"]), uid, gid, ruleset_fd, program)
+        if pid == 0:
+            # Hardened, channel on CHILD_FD; the wake-up fd number may now
+            # name the channel.
+            _signal.set_wakeup_fd(-1)
+            runtime.run_and_exit(self.runtime)
+        return pid
 
     def kill(self, request_id: int) -> None:
         pid = self.by_id.get(request_id)
@@ -596,7 +630,8 @@ def _close_inherited_fds(keep: int) -> None:
 
 
 def serve(control: socket.socket, allow_test_builtins: bool = False,
-          seccomp: SeccompProgram | None = None) -> None:
+          seccomp: SeccompProgram | None = None,
+          fork_helper: bool = True) -> None:
     """Run the fork server on ``control`` until the host closes it."""
     # The host manages this process's life: Ctrl-C in a terminal must not
     # end it before the host does.
@@ -606,7 +641,7 @@ def serve(control: socket.socket, allow_test_builtins: bool = False,
         seccomp = SeccompProgram.build()
     zygote = None
     try:
-        zygote = Zygote(control, allow_test_builtins, seccomp)
+        zygote = Zygote(control, allow_test_builtins, seccomp, fork_helper)
         zygote.serve_forever()
     finally:
         if zygote is not None:
@@ -624,11 +659,12 @@ def clean_env() -> dict[str, str]:
 
 # Run by the lean interpreter: the import path comes on the command line
 # because -I -S leaves out site-packages and the editable install's hook.
-_LEAN_BOOT = ("import sys; sys.path[:0] = sys.argv[5:]; "
+_LEAN_BOOT = ("import sys; sys.path[:0] = sys.argv[6:]; "
               "from sandboxhost.zygote import main; main()")
 
 
-def spawn_entry(control: socket.socket, allow_test_builtins: bool) -> None:
+def spawn_entry(control: socket.socket, allow_test_builtins: bool,
+                fork_helper: bool = True) -> None:
     """The multiprocess Process target: become a lean interpreter.
 
     multiprocess's spawn bootstrap leaves multiprocess and dill in this
@@ -652,7 +688,7 @@ def spawn_entry(control: socket.socket, allow_test_builtins: bool) -> None:
     flags = ["-I", "-S"] + (["-B"] if sys.dont_write_bytecode else [])
     argv = [sys.executable, *flags, "-c", _LEAN_BOOT, str(fd),
             "1" if allow_test_builtins else "0", str(program_fd), note,
-            *_lean_path()]
+            "1" if fork_helper else "0", *_lean_path()]
     os.execve(sys.executable, argv, clean_env())
 
 
@@ -680,6 +716,7 @@ def main() -> None:
     """Entry point of the lean template interpreter (see spawn_entry)."""
     fd, allow = int(sys.argv[1]), sys.argv[2] == "1"
     program_fd, note = int(sys.argv[3]), sys.argv[4]
+    fork_helper = sys.argv[5] == "1"
     del sys.argv[1:]
     if program_fd < 0:
         seccomp = SeccompProgram(None, [], note)
@@ -688,4 +725,4 @@ def main() -> None:
         seccomp = SeccompProgram(os.pread(program_fd, size, 0),
                                  [n for n in note.split(",") if n])
         os.close(program_fd)
-    serve(socket.socket(fileno=fd), allow, seccomp)
+    serve(socket.socket(fileno=fd), allow, seccomp, fork_helper)

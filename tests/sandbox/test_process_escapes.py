@@ -53,10 +53,14 @@ def answer_none(op: str, args: dict) -> object:
     return None
 
 
-@pytest.fixture(scope="module")
-def host():
-    with Host(unsafe_test_builtins=True) as h:
+# Children are hardened by the C helper where it is built, else by the same
+# steps in Python; every attempt runs against both.
+@pytest.fixture(scope="module", params=["c-helper", "python"])
+def host(request):
+    with Host(unsafe_test_builtins=True,
+              fork_helper=request.param == "c-helper") as h:
         h.start()
+        assert h.fork_helper == (request.param == "c-helper")
         yield h
 
 
@@ -473,3 +477,13 @@ def wait_until_gone(pid: int, wait_s: float = 10.0) -> bool:
             return True
         time.sleep(0.01)
     return False
+
+
+def test_a_child_that_cannot_apply_its_limits_never_runs_policy_code(host):
+    # RLIMIT_NOFILE above the kernel's ceiling: setrlimit fails in the
+    # child, which must end before any policy code runs.
+    outcome = attempt(host, "print('ran')",
+                      limits=LIMITS.replace(open_files=1 << 40))
+    assert isinstance(outcome.error, ChildDied), outcome
+    assert "could not apply its limits" in outcome.error.message
+    assert outcome.output == []

@@ -10,11 +10,10 @@ setup(
     long_description_content_type="text/x-rst",
     packages=find_packages(include=["sandboxhost", "sandboxhost.*",
                                     "manager", "manager.*"]),
-    # Forks and hardens policy children without running Python in
-    # between; without it the same steps run in Python, more slowly.
-    ext_modules=[Extension("sandboxhost._forkhelper",
-                           ["sandboxhost/_forkhelper.c"],
-                           optional=True)],
+    # The zygote's fork server loop and the hardening of each policy child,
+    # in C so that neither writes Python objects after a fork.
+    ext_modules=[Extension("sandboxhost._forkserver",
+                           ["sandboxhost/_forkserver.c"])],
     python_requires=">=3.11",
     install_requires=[
         "celery[redis]>=5.7,<5.8",

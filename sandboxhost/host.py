@@ -21,6 +21,7 @@ import io
 import itertools
 import logging
 import os
+import pwd
 import signal
 import socket
 import sys
@@ -160,7 +161,7 @@ class _Job:
 class _Zygote:
     """One template process and the host's end of its control socket."""
 
-    def __init__(self, allow_test_builtins: bool, fork_helper: bool = True):
+    def __init__(self, allow_test_builtins: bool):
         self._ids = itertools.count(1)
         self._jobs: dict[int, _Job] = {}
         self._lock = threading.Lock()
@@ -168,8 +169,7 @@ class _Zygote:
         self.control, theirs = socket.socketpair(socket.AF_UNIX,
                                                  socket.SOCK_SEQPACKET)
         self.process = ZygoteProcess(
-            target=zygote.spawn_entry,
-            args=(theirs, allow_test_builtins, fork_helper),
+            target=zygote.spawn_entry, args=(theirs, allow_test_builtins),
             name="sandboxhost-zygote", daemon=True)
         try:
             self.process.start()
@@ -211,7 +211,7 @@ class _Zygote:
                 data = self.control.recv(CONTROL_MESSAGE_MAX_BYTES)
                 if not data:
                     break
-                self._dispatch(msgpack.unpackb(data))
+                self._dispatch(data)
         except OSError:
             pass
         except Exception:  # noqa: BLE001 - a bug here must be seen
@@ -220,33 +220,34 @@ class _Zygote:
         finally:
             self._mark_dead()
 
-    def _dispatch(self, message: dict) -> None:
-        kind = message.get("t")
-        with self._lock:
-            job = self._jobs.get(message.get("id"))
-            if kind == "exit":
-                self._jobs.pop(message.get("id"), None)
-        if job is None:
-            logger.warning("template process %s: message for no known run:"
-                           " %r", self.pid, message)
+    def _dispatch(self, data: bytes) -> None:
+        if len(data) != zygote.REPORT.size:
+            logger.error("template process %s: a control message of %d bytes"
+                         " is not a report", self.pid, len(data))
             return
-        if kind == "forked":
-            job.pid = message["pid"]
+        kind, pid, job_id, code, signo, value = zygote.REPORT.unpack(data)
+        with self._lock:
+            job = self._jobs.get(job_id)
+            if kind != zygote.REP_FORKED:
+                self._jobs.pop(job_id, None)
+        if job is None:
+            logger.warning("template process %s: report %s for no known run"
+                           " (id %s, pid %s)", self.pid, kind, job_id, pid)
+            return
+        if kind == zygote.REP_FORKED:
+            job.pid = pid
             job.forked.set()
-        elif kind == "fork_failed":
-            job.fork_error = message["message"]
-            with self._lock:
-                self._jobs.pop(job.id, None)
+        elif kind == zygote.REP_FORK_FAILED:
+            job.fork_error = f"fork: {os.strerror(value)}"
             job.forked.set()
             job.exited.set()
-        elif kind == "exit":
-            if message["code"] not in (0, None):
-                logger.debug("child %s exited with code %s", message["pid"],
-                             message["code"])
-            job.pid = message["pid"]
-            job.exit_code = message["code"]
-            job.exit_signal = message["signal"]
-            job.cpu_s = message["cpu_s"]
+        elif kind == zygote.REP_EXIT:
+            if code > 0:
+                logger.debug("child %s exited with code %s", pid, code)
+            job.pid = pid
+            job.exit_code = code if code >= 0 else None
+            job.exit_signal = signo or None
+            job.cpu_s = value / 1e6
             job.forked.set()
             job.exited.set()
 
@@ -262,18 +263,19 @@ class _Zygote:
 
     # -- requests ------------------------------------------------------------
 
-    def fork(self, child_sock: socket.socket, limits: RunLimits) -> _Job:
+    def fork(self, child_sock: socket.socket, limits: RunLimits,
+             user: tuple[int, int] | None) -> _Job:
         job = _Job(next(self._ids))
+        uid, gid = user if user is not None else (-1, -1)
+        flags = ((zygote.FLAG_SECCOMP if limits.seccomp else 0)
+                 | (zygote.FLAG_LANDLOCK if limits.landlock else 0))
+        request = zygote.FORK_REQUEST.pack(
+            zygote.REQ_FORK, flags, job.id, limits.memory_bytes,
+            limits.cpu_time_s, limits.open_files, uid, gid)
         with self._lock:
             if self.dead:
                 raise OSError("the template process is gone")
             self._jobs[job.id] = job
-        request = msgpack.packb({"t": "fork", "id": job.id, "limits": {
-            "memory_bytes": limits.memory_bytes,
-            "cpu_time_s": limits.cpu_time_s,
-            "open_files": limits.open_files,
-            "seccomp": limits.seccomp, "landlock": limits.landlock,
-            "run_as_user": limits.run_as_user}})
         try:
             socket.send_fds(self.control, [request], [child_sock.fileno()])
         except OSError:
@@ -288,7 +290,8 @@ class _Zygote:
         if job.exited.is_set():
             return
         try:
-            self.control.send(msgpack.packb({"t": "kill", "id": job.id}))
+            self.control.send(zygote.FORK_REQUEST.pack(
+                zygote.REQ_KILL, 0, job.id, 0, 0, 0, -1, -1))
         except OSError:
             pass   # the zygote is gone; its death signal kills the child
 
@@ -527,12 +530,9 @@ class _Run:
 class Host:
     """Runs compiled policy sections in hardened children; thread-safe."""
 
-    def __init__(self, *, unsafe_test_builtins: bool = False,
-                 fork_helper: bool = True):
-        """``fork_helper=False`` hardens children in Python even where the
-        C helper is built (tests of that path)."""
+    def __init__(self, *, unsafe_test_builtins: bool = False):
         self._unsafe = unsafe_test_builtins
-        self._fork_helper = fork_helper
+        self._users: dict[str, tuple[int, int]] = {}
         self._lock = threading.Lock()
         self._zygote: _Zygote | None = None
         self._zygotes_started = 0
@@ -569,13 +569,6 @@ class Host:
             return dict(self._ensure_zygote().caps.get("missing", {}))
 
     @property
-    def fork_helper(self) -> bool:
-        """Whether children are forked and hardened by the C helper (not
-        by the slower Python path). Starts the template process if needed."""
-        with self._lock:
-            return bool(self._ensure_zygote().caps.get("fork_helper"))
-
-    @property
     def zygote_pid(self) -> int | None:
         zyg = self._zygote
         return zyg.pid if zyg is not None else None
@@ -592,7 +585,7 @@ class Host:
             zyg.stop()
             self._zygote = None
         try:
-            zyg = _Zygote(self._unsafe, self._fork_helper)
+            zyg = _Zygote(self._unsafe)
         except HostError:
             raise
         except Exception as exc:
@@ -611,10 +604,6 @@ class Host:
             logger.warning("UNSAFE: policy children get full Python builtins"
                            " (test mode)")
         missing = caps.get("missing", {})
-        if self._fork_helper and not caps.get("fork_helper"):
-            missing = dict(missing, fork_helper=(
-                "sandboxhost._forkhelper is not built; children are hardened"
-                " by slower Python code (reinstall with a C compiler)"))
         key = tuple(sorted(missing.items()))
         if key == self._reported_caps:
             return
@@ -625,19 +614,34 @@ class Host:
             logger.warning("seccomp: system calls unknown here, not filtered:"
                            " %s", ", ".join(caps["seccomp_unknown"]))
 
+    def _user(self, zyg: _Zygote, limits: RunLimits) -> tuple[int, int] | None:
+        """The uid and gid children switch to, when the host is root."""
+        name = limits.run_as_user
+        if not (name and zyg.caps.get("root")):
+            return None
+        user = self._users.get(name)
+        if user is None:
+            try:
+                entry = pwd.getpwnam(name)
+            except KeyError:
+                raise HostError(f"cannot run policy children as user"
+                                f" {name!r}: no such user") from None
+            user = self._users[name] = (entry.pw_uid, entry.pw_gid)
+        return user
+
     def _fork(self, child_sock: socket.socket, limits: RunLimits
               ) -> tuple[_Zygote, _Job]:
         with self._lock:
             zyg = self._ensure_zygote()
         try:
-            return zyg, zyg.fork(child_sock, limits)
+            return zyg, zyg.fork(child_sock, limits, self._user(zyg, limits))
         except OSError:
             pass
         # The template died between runs; one restart, then give up.
         with self._lock:
             zyg = self._ensure_zygote()
         try:
-            return zyg, zyg.fork(child_sock, limits)
+            return zyg, zyg.fork(child_sock, limits, self._user(zyg, limits))
         except OSError as exc:
             raise HostError(f"cannot reach the template process: {exc}") from exc
 

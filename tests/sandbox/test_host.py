@@ -321,33 +321,12 @@ def test_an_unknown_user_to_run_as_is_a_host_error(host):
 def test_missing_kernel_layers_are_logged_once(caplog):
     caplog.set_level(logging.WARNING, logger="sandboxhost.host")
     host = Host()
-    caps = {"missing": {"landlock": "no Landlock in this kernel (ENOSYS)"},
-            "fork_helper": True}
+    caps = {"missing": {"landlock": "no Landlock in this kernel (ENOSYS)"}}
     host._report_caps(caps)
     host._report_caps(caps)
     assert [r.getMessage() for r in caplog.records] == [
         "policy children run without landlock: no Landlock in this kernel"
         " (ENOSYS)"]
-
-
-def test_a_missing_fork_helper_is_logged_once(caplog):
-    caplog.set_level(logging.WARNING, logger="sandboxhost.host")
-    host = Host()
-    caps = {"missing": {}, "fork_helper": False}
-    host._report_caps(caps)
-    host._report_caps(caps)
-    [record] = caplog.records
-    assert "sandboxhost._forkhelper is not built" in record.getMessage()
-
-
-def test_the_fork_helper_is_built_and_used():
-    # setup.py builds it; a silent fallback would only show as lost speed.
-    with Host() as host:
-        assert host.fork_helper
-        assert host.run(wire("print(1)"), handler=no_calls).ok
-    with Host(fork_helper=False) as host:
-        assert not host.fork_helper
-        assert host.run(wire("print(1)"), handler=no_calls).ok
 
 
 def test_an_unknown_mode_is_refused_before_anything_runs(host):

@@ -53,14 +53,10 @@ def answer_none(op: str, args: dict) -> object:
     return None
 
 
-# Children are hardened by the C helper where it is built, else by the same
-# steps in Python; every attempt runs against both.
-@pytest.fixture(scope="module", params=["c-helper", "python"])
-def host(request):
-    with Host(unsafe_test_builtins=True,
-              fork_helper=request.param == "c-helper") as h:
+@pytest.fixture(scope="module")
+def host():
+    with Host(unsafe_test_builtins=True) as h:
         h.start()
-        assert h.fork_helper == (request.param == "c-helper")
         yield h
 
 

@@ -26,7 +26,6 @@ Frames, child -> host:
 
 from __future__ import annotations
 
-import logging
 import os
 import re
 import socket
@@ -37,7 +36,7 @@ import msgpack
 
 from sandboxhost.errors import SandboxError
 
-logger = logging.getLogger(__name__)
+# No logger: the template and its children load this module (see zygote).
 
 HEADER = struct.Struct(">I")
 HEADER_BYTES = HEADER.size

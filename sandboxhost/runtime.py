@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import builtins
 import datetime
-import logging
 import marshal
 import mmap
 import os
@@ -28,7 +27,7 @@ import types
 from sandboxhost import namespace, protocol
 from sandboxhost.protocol import Channel
 
-logger = logging.getLogger(__name__)
+# No logger: this module runs in the template and its children (see zygote).
 
 # Exit codes of a child, read by the host when no final frame arrived.
 EXIT_OK = 0

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import errno
 import gc
-import logging
 import os
 import signal
 import socket
@@ -44,9 +43,11 @@ except ImportError as exc:   # pragma: no cover - a broken install
         "sandboxhost._forkserver is not built: install the package with a C"
         " compiler and Python's headers (pip install -e .)") from exc
 
-# The zygote has no log handler of its own: what the host must know goes
-# back as control messages (caps, fork failures, exits).
-logger = logging.getLogger(__name__)
+# No logger in the modules the template loads (this one, runtime, protocol,
+# namespace, names, errors): nothing there has a log handler (what the host
+# must know goes back as control messages), and the logging module with
+# what it imports is ~1.7 MB of heap that every fork maps and every child's
+# exit tears down. FORBIDDEN_MODULES holds that line.
 
 # Where the child's channel lives; the runtime reads it from here.
 CHILD_FD = _forkserver.CHILD_FD
@@ -78,7 +79,8 @@ LEAN_THIRD_PARTY = ("msgpack",)
 # Modules whose presence in the zygote breaks the trust boundary, or
 # shows that it is not the lean interpreter it should be.
 FORBIDDEN_MODULES = ("celery", "kombu", "sqlalchemy", "redis", "manager",
-                     "multiprocess", "dill", "pyseccomp")
+                     "multiprocess", "dill", "pyseccomp", "logging",
+                     "threading")
 _BPF_INSN_BYTES = 8
 
 # Denied with EPERM in every child: whatever reaches the network, other

@@ -298,13 +298,20 @@ def serve(control: socket.socket, allow_test_builtins: bool = False,
     _close_inherited_fds(control.fileno())
     if seccomp is None:
         seccomp = SeccompProgram.build()
+    code = 0
     try:
         # The loop kills and reaps every child before it returns.
         Zygote(control, allow_test_builtins, seccomp).serve_forever()
+    except BaseException as exc:  # noqa: BLE001 - say why, then end
+        code = 1
+        # The host sees the control socket close; the reason is here, on
+        # the stderr the template shares with the manager.
+        sys.stderr.write(f"sandboxhost: the template process failed:"
+                         f" {type(exc).__name__}: {exc}\n")
     finally:
         # No atexit handlers or interpreter teardown: nothing of that kind
         # belongs to this process.
-        os._exit(0)
+        os._exit(code)
 
 
 def clean_env() -> dict[str, str]:

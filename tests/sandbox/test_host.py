@@ -6,6 +6,8 @@ import marshal
 import os
 import signal
 import socket
+import subprocess
+import sys
 import threading
 
 import pytest
@@ -384,3 +386,21 @@ def test_a_compiled_policy_from_the_language_runs():
     assert outcome.ok, outcome.error
     assert outcome.output == ["throttling\n"]
     assert [op for op, _args in handler.calls] == ["stats", "tasks.set"]
+
+
+def test_a_template_that_cannot_serve_says_why_and_exits(tmp_path):
+    # A second thread makes the fork server refuse to start: fork() there
+    # skips Python's after-fork work, which only one thread makes safe.
+    script = tmp_path / "two_threads.py"
+    script.write_text(
+        "import socket, threading, time\n"
+        "from sandboxhost import zygote\n"
+        "ours, theirs = socket.socketpair(socket.AF_UNIX,"
+        " socket.SOCK_SEQPACKET)\n"
+        "threading.Thread(target=time.sleep, args=(30,), daemon=True).start()\n"
+        "zygote.serve(theirs)\n")
+    done = subprocess.run([sys.executable, str(script)], capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode == 1
+    assert ("sandboxhost: the template process failed: RuntimeError: the"
+            " template process has more than one thread") in done.stderr

@@ -4,9 +4,10 @@
 store in step with a directory of ``.policy`` files (files at the top
 belong to the default tenant, files in ``DIR/<tenant>/`` to that tenant).
 The registry compiles each policy and evaluates its schedule section in a
-child when its text changes. A policy that no longer checks is reported
-once and keeps running in its last good version; a removed file removes
-its policy.
+child when its text changes. A file whose new text does not check, or
+whose schedule section fails, is reported once and its policy keeps running
+in its last good version (the store keeps that text); a removed file
+removes its policy.
 
 Each stored policy remembers, in its ``schedule`` column, the schedule data
 a child returned for its text (with the text's hash) and, for files, where
@@ -112,16 +113,27 @@ class Registry:
             stored = self.store.get_policy(name)
             if stored is not None and stored.source == source:
                 continue
+            # The store keeps the last good text, so the good version also
+            # survives a restart of the manager: a new text is stored only
+            # once it checks and its schedule section gives a schedule.
+            keeps = "; its last good version keeps running" if stored else ""
             problems = check(source, str(path))
             if problems:
-                # The store keeps the last good text, so the good version
-                # also survives a restart of the manager.
                 self._report(name, "\n".join(str(p) for p in problems)
-                             + ("; its last good version keeps running"
-                                if stored else ""))
+                             + keeps)
+                continue
+            try:
+                loaded = self.runner.load(source, str(path), name=name,
+                                          tenant=self.tenants.get(tenant))
+            except (PolicySyntaxError, PolicyLoadError, ConfigurationError,
+                    ScheduleError) as exc:
+                self._report(name, f"{exc}{keeps}")
                 continue
             origin = dict((stored.schedule or {}) if stored else {})
-            origin["origin"] = str(path)
+            # The schedule a child just gave for this text, so that loading
+            # it from the store runs no second child.
+            origin.update(origin=str(path), sha=source_hash(source),
+                          data=loaded.schedule.data)
             self.store.upsert_policy(name, source, tenant=tenant,
                                      schedule=origin, now=now.timestamp())
             logger.info("policy %s: %s %s", name,

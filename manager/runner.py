@@ -40,7 +40,9 @@ class PolicyLoadError(Exception):
         self.filename = filename
         self.line = line
         where = f"{filename}:{line}" if line else filename
-        super().__init__(f"{where}: error: in schedule: {message}")
+        # A policy error already names its section ("in schedule at ...").
+        section = "" if message.startswith("in schedule") else "in schedule: "
+        super().__init__(f"{where}: error: {section}{message}")
 
 
 @dataclass(frozen=True)

@@ -127,6 +127,32 @@ def test_invalid_file_is_reported_and_last_good_version_kept(setup, tmp_path,
     assert store.get_policy("grow").source == EVERY_MINUTE
 
 
+def test_a_file_whose_schedule_fails_keeps_the_good_version(setup, tmp_path,
+                                                            caplog):
+    folder = tmp_path / "policies"
+    folder.mkdir()
+    path = folder / "grow.policy"
+    path.write_text(EVERY_MINUTE)
+    scheduler, store, cluster, clock = setup(policies_dir=folder)
+    scheduler.step()
+    # Checks, but its schedule section raises in the child.
+    path.write_text(EVERY_MINUTE.replace("crontab()", "crontab(minute=1 / 0)"))
+    clock.advance(minutes=1)
+    (report,) = scheduler.run_due_once()
+    assert report.ok
+    assert ("grow.policy:3: error: in schedule at line 3: division by zero"
+            " (ZeroDivisionError); its last good version keeps running"
+            in caplog.text)
+    assert "keeps running" in caplog.text
+    assert store.get_policy("grow").source == EVERY_MINUTE
+    # A new file that fails the same way is reported and not stored.
+    (folder / "other.policy").write_text(path.read_text())
+    clock.advance(minutes=1)
+    scheduler.run_due_once()
+    assert store.get_policy("other") is None
+    assert "other.policy:3: error: in schedule at line 3" in caplog.text
+
+
 def test_edited_and_removed_files_are_picked_up(setup, tmp_path):
     folder = tmp_path / "policies"
     folder.mkdir()

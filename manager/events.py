@@ -471,6 +471,28 @@ def consume(app: Celery, recorder: Recorder, stopping: threading.Event, *,
     recorder.flush()
 
 
+class RecorderThread(threading.Thread):
+    """A recorder in a thread of this process (the pytest plugin's real
+    cluster): its own store connection, set ``stopping`` to end it.
+    ``ready`` is set once it consumes events."""
+
+    def __init__(self, app: Celery, store_url: str,
+                 stopping: threading.Event) -> None:
+        super().__init__(name="cm-recorder", daemon=True)
+        self.app = app
+        self.store_url = store_url
+        self.stopping = stopping
+        self.ready = threading.Event()
+
+    def run(self) -> None:
+        store = Store(self.store_url)
+        try:
+            consume(self.app, Recorder(store), self.stopping,
+                    node_id=node_id_for(self.app), on_ready=self.ready.set)
+        finally:
+            store.close()
+
+
 # -- command line --------------------------------------------------------------------
 
 def _parser() -> argparse.ArgumentParser:

@@ -23,7 +23,9 @@ Fixtures:
 - ``policy_sandbox``: the sandbox host shared by a test session.
 - ``policy_real_cluster``: opt-in; starts a real prefork worker on a
   ``filesystem://`` broker in a temporary folder and stops it afterwards;
-  the same ``run`` goes through Celery's remote control.
+  the same ``run`` goes through Celery's remote control, and the stats API
+  answers from the task events of its workers (``send_task`` and
+  ``wait_recorded`` to produce and await them).
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -219,7 +222,8 @@ def policy_cluster(policy_sandbox) -> PolicyCluster:
 # -- the opt-in real cluster ----------------------------------------------------------
 
 class RealCluster(_Runs):
-    """Real prefork workers on a filesystem:// broker in a temporary folder."""
+    """Real prefork workers on a filesystem:// broker in a temporary folder,
+    with an event recorder feeding the stats API, as cmevents does."""
 
     def __init__(self, host: Host, state_dir: Path, app_spec: str):
         from manager.config import load_app
@@ -230,18 +234,54 @@ class RealCluster(_Runs):
         self.app_spec = app_spec
         os.environ["CMPOLICY_STATE_DIR"] = str(state_dir)
         self.app = load_app(app_spec, None, state_dir)
+        # Tasks sent from the test are matched, and wait time measured,
+        # from the time they were sent.
+        self.app.conf.task_send_sent_event = True
         self.control = CeleryCluster(self.app)
         self.store = Store(f"sqlite:///{state_dir / 'manager.db'}")
         self.runner = PolicyRunner(host)
         self.mailer = Mailer(None)
         self.tenant = unrestricted()
         self.procs: dict[str, subprocess.Popen] = {}
+        self._stopping = threading.Event()
+        self._recorder: threading.Thread | None = None
+
+    def _start_recorder(self, timeout_s: float = 30.0) -> None:
+        from manager.events import RecorderThread
+        self._recorder = RecorderThread(self.app, self.store.url,
+                                        self._stopping)
+        self._recorder.start()
+        if not self._recorder.ready.wait(timeout_s):
+            raise RuntimeError("the event recorder did not start")
+
+    def send_task(self, name: str, *args, **kwargs) -> str:
+        """Publish a task by name; its id."""
+        return self.app.send_task(name, args=args, kwargs=kwargs).id
+
+    def wait_recorded(self, task_ids: list[str], timeout_s: float = 30.0
+                      ) -> list:
+        """Wait until each task's end is recorded; their records."""
+        from manager.stats import READY_STATES
+        deadline = time.monotonic() + timeout_s
+        while True:
+            records = [self.store.task(task_id) for task_id in task_ids]
+            if all(r is not None and r.state in READY_STATES
+                   for r in records):
+                return records
+            if time.monotonic() > deadline:
+                done = sum(1 for r in records
+                           if r is not None and r.state in READY_STATES)
+                raise TimeoutError(f"{done} of {len(task_ids)} tasks were"
+                                   f" recorded as finished in {timeout_s} s")
+            time.sleep(0.1)
 
     def start_worker(self, name: str, subprocesses: int = 1, *,
                      queues: list[str] | None = None,
                      timeout_s: float = 30.0) -> None:
+        if self._recorder is None:
+            self._start_recorder()
         cmd = [sys.executable, "-m", "celery", "-A", self.app_spec, "worker",
-               "-n", name, "-c", str(subprocesses), "-P", "prefork",
+               "-n", name, "-c", str(subprocesses), "-P", "prefork", "-E",
                "--include", "manager.worker_ext", "--without-mingle",
                "--without-gossip", "--loglevel", "WARNING"]
         if queues:
@@ -291,6 +331,9 @@ class RealCluster(_Runs):
                     os.killpg(proc.pid, signal.SIGKILL)
                 except ProcessLookupError:
                     pass
+        self._stopping.set()
+        if self._recorder is not None:
+            self._recorder.join(10)
         self.store.close()
 
 

@@ -5,6 +5,8 @@ real prefork worker (filesystem:// broker) set up alike; what the runs
 return, whether they fail and where, must be the same.
 """
 
+import datetime as dt
+
 import pytest
 
 pytestmark = pytest.mark.integration
@@ -67,3 +69,34 @@ def test_simulated_and_real_runs_agree(policy_cluster, real):
         if simulated != actual:
             differences[name] = {"simulated": simulated, "real": actual}
     assert differences == {}
+
+
+STATS = HEAD + """\
+        hour = datetime.timedelta(hours=1)
+        print(stats.tasks_succeeded(interval=hour,
+                                    tasknames="media.tasks.resize"))
+        print(stats.tasks_sent(interval=hour, workers="w1@test"))
+        print(stats.tasks_failed(interval=hour))
+        print(stats.mean_waittime(interval=hour) is not None)
+        print(stats.mean_runtime(interval=hour,
+                                 tasknames="billing.tasks.charge"))
+"""
+
+
+def test_stats_agree_on_recorded_tasks(policy_cluster, real):
+    # The real worker's events go through the plugin's recorder into its
+    # store; the simulated cluster is given the same tasks by hand.
+    ids = [real.send_task("media.tasks.resize") for _ in range(3)]
+    records = real.wait_recorded(ids)
+    assert {r.worker for r in records} == {"w1@test"}
+    policy_cluster.add_worker("w1@test", 1)
+    for r in records:
+        policy_cluster.record("media.tasks.resize", worker=r.worker,
+                              sent=r.sent, started=r.started,
+                              finished=r.finished)
+    policy = policy_cluster.load(text=STATS, name="stats")
+    simulated = outcome(policy_cluster.run(
+        policy, now=dt.datetime.now(dt.timezone.utc)))
+    actual = outcome(real.run(policy))
+    assert simulated == actual
+    assert actual["output"] == ["3", "3", "0", "True", "None"]

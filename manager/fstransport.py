@@ -110,3 +110,34 @@ class Transport(filesystem.Transport):
     # The folders are the address; a host name means nothing here, and
     # kombu warns on every connection when a default one stands in.
     default_connection_params = {}
+
+
+def prune_bindings(control_dir: str | os.PathLike, worker: str) -> int:
+    """Remove a stopped worker's bindings from the pidbox exchanges.
+
+    The transport never removes them itself, so broadcasts would go on
+    writing messages for a worker that is gone. Returns how many were
+    removed.
+    """
+    removed = 0
+    if not os.path.isdir(control_dir):
+        return removed
+    for name in sorted(os.listdir(control_dir)):
+        if not name.endswith(".pidbox.exchange"):
+            continue
+        with open(os.path.join(control_dir, name), "r+") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            try:
+                bindings = loads(handle.read() or "[]")
+            except ValueError:
+                logger.warning("%s: not a list of bindings; left alone", name)
+                continue
+            kept = [b for b in bindings
+                    if not str(b[-1]).startswith(f"{worker}.")]
+            if len(kept) == len(bindings):
+                continue
+            removed += len(bindings) - len(kept)
+            handle.seek(0)
+            handle.truncate()
+            handle.write(dumps(kept))
+    return removed

@@ -32,8 +32,6 @@ from __future__ import annotations
 
 import datetime as dt
 import os
-import signal
-import subprocess
 import sys
 import threading
 import time
@@ -49,6 +47,7 @@ from manager.mailer import Email, Mailer
 from manager.runner import LoadedPolicy, PolicyRunner, RunReport
 from manager.simcluster import SimulatedCluster
 from manager.tenants import Tenant, unrestricted
+from manager.workerproc import WorkerProcess
 
 DEFAULT_NOW = "2026-01-05T12:00:00"
 
@@ -242,7 +241,7 @@ class RealCluster(_Runs):
         self.runner = PolicyRunner(host)
         self.mailer = Mailer(None)
         self.tenant = unrestricted()
-        self.procs: dict[str, subprocess.Popen] = {}
+        self.workers: dict[str, WorkerProcess] = {}
         self._stopping = threading.Event()
         self._recorder: threading.Thread | None = None
 
@@ -280,28 +279,17 @@ class RealCluster(_Runs):
                      timeout_s: float = 30.0) -> None:
         if self._recorder is None:
             self._start_recorder()
-        cmd = [sys.executable, "-m", "celery", "-A", self.app_spec, "worker",
-               "-n", name, "-c", str(subprocesses), "-P", "prefork", "-E",
-               "--include", "manager.worker_ext", "--without-mingle",
-               "--without-gossip", "--loglevel", "WARNING"]
-        if queues:
-            cmd += ["-Q", ",".join(queues)]
-        log = open(self.state_dir / f"{name}.log", "w")
         # The worker imports the app as this test process can.
-        env = {**os.environ, "CMPOLICY_STATE_DIR": str(self.state_dir),
-               "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
-        self.procs[name] = subprocess.Popen(
-            cmd, stdout=log, stderr=subprocess.STDOUT, env=env,
-            start_new_session=True)
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self.procs[name].poll() is not None:
-                raise RuntimeError(f"worker {name} exited; see"
-                                   f" {self.state_dir / (name + '.log')}")
-            if self.app.control.ping(destination=[name], timeout=0.5):
-                self.control.refresh()
-                return
-        raise RuntimeError(f"worker {name} did not answer in {timeout_s} s")
+        worker = WorkerProcess(
+            self.app_spec, name, log_path=self.state_dir / f"{name}.log",
+            concurrency=subprocesses,
+            extra=["-Q", ",".join(queues)] if queues else (),
+            env={**os.environ, "CMPOLICY_STATE_DIR": str(self.state_dir),
+                 "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)})
+        worker.start()
+        self.workers[name] = worker
+        worker.wait_ready(self.app, timeout_s)
+        self.control.refresh()
 
     def run(self, policy, *, now=None) -> PolicyRun:
         policy = self._loaded(policy)
@@ -320,17 +308,11 @@ class RealCluster(_Runs):
             self.control.restore()
         except Exception:  # the workers may be gone already
             pass
-        for proc in self.procs.values():
-            try:
-                # The worker's main process stops its pool itself; a
-                # signal to the whole group makes that slower, not faster.
-                proc.send_signal(signal.SIGTERM)
-                proc.wait(20)
-            except (ProcessLookupError, subprocess.TimeoutExpired):
-                try:
-                    os.killpg(proc.pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
+        control_dir = None
+        if (self.app.conf.broker_url or "").startswith("filesystem://"):
+            control_dir = self.state_dir / "broker" / "control"
+        for worker in self.workers.values():
+            worker.stop(broker_dir=control_dir)
         self._stopping.set()
         if self._recorder is not None:
             self._recorder.join(10)

@@ -17,6 +17,8 @@ from pathlib import Path
 
 import pytest
 
+from manager.workerproc import WorkerProcess
+
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent.parent
 BROKERS = ("filesystem", "redis")
@@ -61,8 +63,8 @@ class Cluster:
         self.kind = kind
         self.env = env
         self.state_dir = state_dir
+        self.workers = {}
         self.procs = {}
-        self.logs = {}
         self._apply_env()
         import importlib
         if "cmapp" in sys.modules:
@@ -74,77 +76,38 @@ class Cluster:
     def _apply_env(self):
         os.environ.update(self.env)
 
-    def start_worker(self, name, concurrency=1, extra=()):
-        log = self.state_dir / f"{name}.log"
-        cmd = [sys.executable, "-m", "celery", "-A", "cmapp", "worker",
-               "-n", name, "-c", str(concurrency), "-P", "prefork",
-               "--include", "manager.worker_ext", "--without-mingle",
-               "--without-gossip", "--without-heartbeat", "-E",
-               "--loglevel", "INFO", *extra]
-        env = {**os.environ, **self.env,
-               "PYTHONPATH": os.pathsep.join([str(HERE), str(ROOT)])}
-        handle = open(log, "w")
-        proc = subprocess.Popen(cmd, env=env, stdout=handle,
-                                stderr=subprocess.STDOUT, cwd=HERE,
-                                start_new_session=True)
-        self.procs[name] = proc
-        self.logs[name] = log
+    def start_worker(self, name, concurrency=1, extra=(), events=True,
+                     heartbeat=False):
+        worker = WorkerProcess(
+            "cmapp", name, log_path=self.state_dir / f"{name}.log",
+            concurrency=concurrency, cwd=HERE, loglevel="INFO", events=events,
+            extra=[*([] if heartbeat else ["--without-heartbeat"]), *extra],
+            env={**os.environ, **self.env,
+                 "PYTHONPATH": os.pathsep.join([str(HERE), str(ROOT)])})
+        worker.start()
+        self.workers[name] = worker
+        self.procs[name] = worker.proc
         self.wait_for(name)
-        return proc
+        return worker.proc
 
     def wait_for(self, name, timeout=30.0):
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.procs[name].poll() is not None:
-                raise RuntimeError(f"worker {name} exited:\n"
-                                   + self.logs[name].read_text()[-3000:])
-            replies = self.app.control.ping(destination=[name], timeout=0.5)
-            if replies:
-                return
-        raise RuntimeError(f"worker {name} did not answer:\n"
-                           + self.logs[name].read_text()[-3000:])
+        self.workers[name].wait_ready(self.app, timeout)
 
     def stop_worker(self, name, sig=signal.SIGTERM):
-        proc = self.procs.pop(name, None)
-        if proc is None:
+        worker = self.workers.pop(name, None)
+        self.procs.pop(name, None)
+        if worker is None:
             return
-        try:
-            proc.send_signal(sig)
-            proc.wait(20)
-        except (ProcessLookupError, subprocess.TimeoutExpired):
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            proc.wait(10)
-        if self.kind == "filesystem":
-            prune_dead_bindings(self.state_dir, name)
+        control_dir = (self.state_dir / "broker" / "control"
+                       if self.kind == "filesystem" else None)
+        worker.stop(sig, broker_dir=control_dir)
 
     def stop_all(self):
-        for name in list(self.procs):
+        for name in list(self.workers):
             self.stop_worker(name)
 
     def log(self, name):
-        return self.logs[name].read_text()
-
-
-def prune_dead_bindings(state_dir, worker):
-    """The filesystem transport never removes a stopped worker's binding."""
-    import fcntl
-    import json
-    control = Path(state_dir) / "broker" / "control"
-    for path in control.glob("*.pidbox.exchange"):
-        with open(path, "r+") as handle:
-            fcntl.flock(handle, fcntl.LOCK_EX)
-            try:
-                bindings = json.loads(handle.read() or "[]")
-            except ValueError:
-                continue
-            kept = [b for b in bindings
-                    if not str(b[-1]).startswith(f"{worker}.")]
-            handle.seek(0)
-            handle.truncate()
-            handle.write(json.dumps(kept))
+        return (self.state_dir / f"{name}.log").read_text()
 
 
 @pytest.fixture(scope="module", params=BROKERS)

@@ -294,18 +294,9 @@ def test_recorder_resumes_after_a_crash(mix, setup):
 def start_quiet_worker(cluster, name, queue):
     """A worker that sends no task events (no -E, events off in its
     config) but has its event dispatcher, as heartbeats are on."""
-    log = cluster.state_dir / f"{name}.log"
-    cmd = [sys.executable, "-m", "celery", "-A", "cmapp", "worker",
-           "-n", name, "-c", "1", "-P", "prefork", "-Q", queue,
-           "--without-mingle", "--without-gossip", "--loglevel", "INFO",
-           "--", "worker.send_task_events=False"]
-    env = {**os.environ, **cluster.env,
-           "PYTHONPATH": os.pathsep.join([HERE, ROOT])}
-    cluster.procs[name] = subprocess.Popen(
-        cmd, env=env, stdout=open(log, "w"), stderr=subprocess.STDOUT,
-        cwd=HERE, start_new_session=True)
-    cluster.logs[name] = log
-    cluster.wait_for(name)
+    cluster.start_worker(name, 1, events=False, heartbeat=True,
+                         extra=("-Q", queue, "--",
+                                "worker.send_task_events=False"))
 
 
 def test_enable_events_switches_quiet_workers_on(mix, setup):

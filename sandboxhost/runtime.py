@@ -204,7 +204,14 @@ class Runtime:
             self.namespaces[True] = {s: _test_namespace(s, self.bridge)
                                      for s in protocol.SECTIONS}
         self._where = "runtime"
-        self._reserve = mmap.mmap(-1, MEMORY_RESERVE_BYTES)
+        # Private: a shared mapping made in the zygote would be one set of
+        # pages for every child, a channel between runs.
+        self._reserve = mmap.mmap(-1, MEMORY_RESERVE_BYTES,
+                                  flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+
+    def close(self) -> None:
+        """Unmap the memory reserve (a Runtime that will serve no more)."""
+        self._reserve.close()
 
     def serve(self) -> int:
         """Run one start frame's policy and report; returns the exit code.
@@ -320,8 +327,8 @@ def rehearse(rounds: int = REHEARSAL_ROUNDS) -> None:
             "conditions": [condition], "apply": apply}
     reply = protocol.encode_frame({"t": "reply", "ok": True, "value": ["w"]})
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    rehearsal = Runtime(Channel(theirs.fileno()))
     try:
-        rehearsal = Runtime(Channel(theirs.fileno()))
         for i in range(rounds):
             mode = "schedule" if i % 2 else "run"
             ours.sendall(protocol.encode_frame({
@@ -343,6 +350,7 @@ def rehearse(rounds: int = REHEARSAL_ROUNDS) -> None:
                 pass
             ours.setblocking(True)
     finally:
+        rehearsal.close()
         ours.close()
         theirs.close()
 

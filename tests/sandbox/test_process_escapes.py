@@ -483,3 +483,36 @@ def test_a_child_that_cannot_apply_its_limits_never_runs_policy_code(host):
     assert isinstance(outcome.error, ChildDied), outcome
     assert "could not apply its limits" in outcome.error.message
     assert outcome.output == []
+
+
+# -- isolation between runs ---------------------------------------------------
+
+# Native code reaches any mapping without Python objects; here the frames of
+# the runtime hand it over. Whatever a run writes into memory the template
+# mapped must be gone for the next run.
+WRITE_THE_RESERVE = """\
+import sys
+frame = sys._getframe()
+while "self" not in frame.f_locals:
+    frame = frame.f_back
+reserve = frame.f_locals["self"]._reserve
+reserve.seek(0)
+print(reserve.read(16))
+reserve.seek(0)
+reserve.write(b"left-by-a-run")
+"""
+
+
+def test_memory_a_run_writes_is_not_seen_by_the_next(host):
+    for _ in range(3):
+        outcome = attempt(host, WRITE_THE_RESERVE)
+        assert outcome.ok, outcome.error
+        assert outcome.output == [repr(bytes(16)) + "\n"]
+
+
+def test_the_template_maps_nothing_shared_and_writable(host):
+    with open(f"/proc/{host.zygote_pid}/maps") as maps:
+        shared_writable = [line for line in maps
+                           if line.split()[1].startswith("rw")
+                           and line.split()[1][3] == "s"]
+    assert shared_writable == []

@@ -122,7 +122,21 @@ SECCOMP_DENY = (
     # must be built per child (+0.8 ms per run, measured), and a child
     # needs no signal; abort() still ends the process without one.
     "kill", "tkill", "tgkill", "rt_sigqueueinfo", "rt_tgsigqueueinfo",
+    # File metadata: Landlock leaves modes, owners, times and extended
+    # attributes alone, and a child that keeps the manager's user could
+    # chmod the manager's own files.
+    "chmod", "fchmod", "fchmodat", "chown", "fchown", "lchown", "fchownat",
+    "utime", "utimes", "utimensat", "futimesat", "setxattr", "lsetxattr",
+    "fsetxattr", "removexattr", "lremovexattr", "fremovexattr",
+    # Resources of the whole machine: the system-wide AIO pool, disk flushes
+    "io_setup", "io_submit", "sync", "syncfs",
 )
+# Denied only for some arguments (see SeccompProgram.build).
+PR_SET_PDEATHSIG, PR_SET_DUMPABLE, PR_SET_PTRACER = 1, 4, 0x59616D61
+SIOC_IOCTL_MASK, SIOC_IOCTL_TYPE = 0xFF00, 0x8900
+PROT_WRITE_EXEC = 0x2 | 0x4
+# System calls newer than every one above (Linux 6.6 on) fail with ENOSYS,
+# as on an older kernel: a second, fixed filter in _forkserver.c.
 
 
 def _readable_dirs() -> list[str]:
@@ -210,6 +224,20 @@ class SeccompProgram:
                     unknown.append(name)
             # Reading limits stays possible; only setting them is refused.
             flt.add_rule(deny, "prlimit64", pyseccomp.Arg(2, pyseccomp.NE, 0))
+            # The death signal and non-dumpability hold for the child's
+            # whole life; it names no process that may trace it.
+            for option in (PR_SET_PDEATHSIG, PR_SET_DUMPABLE, PR_SET_PTRACER):
+                flt.add_rule(deny, "prctl",
+                             pyseccomp.Arg(0, pyseccomp.EQ, option))
+            # Socket ioctls (SIOC*) list the machine's interfaces and
+            # addresses, even on the channel.
+            flt.add_rule(deny, "ioctl", pyseccomp.Arg(
+                1, pyseccomp.MASKED_EQ, SIOC_IOCTL_MASK, SIOC_IOCTL_TYPE))
+            # No memory both writable and executable (Python needs none):
+            # an escape from the interpreter gets no easy native code.
+            for name in ("mmap", "mprotect", "pkey_mprotect"):
+                flt.add_rule(deny, name, pyseccomp.Arg(
+                    2, pyseccomp.MASKED_EQ, PROT_WRITE_EXEC, PROT_WRITE_EXEC))
             return cls(_export_bpf(flt), unknown)
         except OSError as exc:
             return cls(None, [], f"cannot build the filter: {exc}")

@@ -253,6 +253,98 @@ def test_dangerous_system_calls_fail_with_eperm(host, syscall, args):
     assert outcome.output == [f"-1 {errno.EPERM}\n"]
 
 
+def run_syscall(host: Host, number: int, *args: int) -> list[str]:
+    if os.uname().machine != "x86_64":
+        pytest.skip("system call numbers here are for x86_64")
+    outcome = attempt(host, "import ctypes\n"
+                            "libc = ctypes.CDLL(None, use_errno=True)\n"
+                            f"res = libc.syscall({number}, *{args!r})\n"
+                            "print(res, ctypes.get_errno())")
+    return outcome.output
+
+
+@pytest.mark.parametrize("name, number, args", [
+    ("io_setup", 206, (65536, 0)),   # would fill the machine's AIO pool
+    ("sync", 162, ()),
+    ("prctl PR_SET_PDEATHSIG", 157, (1, 0)),    # outlive the template
+    ("prctl PR_SET_DUMPABLE", 157, (4, 1)),     # core dumps, /proc access
+    ("prctl PR_SET_PTRACER", 157, (0x59616D61, -1)),
+    ("ioctl SIOCGIFCONF", 16, (3, 0x8912, 0)),  # the machine's addresses
+])
+def test_system_calls_with_machine_wide_or_lasting_effects_fail(host, name,
+                                                                number, args):
+    require(host, "seccomp")
+    assert run_syscall(host, number, *args) == [f"-1 {errno.EPERM}\n"]
+
+
+@pytest.mark.parametrize("name, number", [
+    ("fchmodat2", 452), ("statmount", 457), ("listmount", 458),
+    ("mseal", 462), ("setxattrat", 463), ("file_setattr", 469),
+    ("a number no kernel has yet", 900),
+])
+def test_system_calls_newer_than_the_filter_fail_with_enosys(host, name,
+                                                             number):
+    require(host, "seccomp")
+    assert run_syscall(host, number, 0, 0, 0, 0) == [f"-1 {errno.ENOSYS}\n"]
+
+
+def test_reading_its_own_settings_still_works(host):
+    require(host, "seccomp")
+    # PR_GET_DUMPABLE and PR_GET_PDEATHSIG are not refused.
+    outcome = attempt(host, "import ctypes\n"
+                            "libc = ctypes.CDLL(None, use_errno=True)\n"
+                            "sig = ctypes.c_int(-1)\n"
+                            "print(libc.prctl(3, 0, 0, 0, 0),"
+                            " libc.prctl(2, ctypes.byref(sig), 0, 0, 0),"
+                            " sig.value)")
+    assert outcome.output == [f"0 0 {signal.SIGKILL}\n"]
+
+
+def test_memory_both_writable_and_executable_is_refused(host):
+    require(host, "seccomp")
+    outcome = attempt(host, "import mmap\n"
+                            "m = mmap.mmap(-1, 4096, prot=mmap.PROT_READ"
+                            " | mmap.PROT_WRITE | mmap.PROT_EXEC)")
+    assert_refused(outcome, "PermissionError")
+    outcome = attempt(host, "import mmap\n"
+                            "m = mmap.mmap(-1, 4096, prot=mmap.PROT_READ"
+                            " | mmap.PROT_WRITE)\nm.write(b'ok')\n"
+                            "print(m[:2])")
+    assert outcome.output == ["b'ok'\n"]
+
+
+def test_file_modes_owners_and_times_cannot_change(host, tmp_path_factory):
+    # A file the child's user owns: only the filter stands in the way.
+    require(host, "seccomp")
+    if "run_as_user" in host.missing_layers():
+        pytest.skip("needs children that run as nobody")
+    import pwd
+    import tempfile
+    nobody = pwd.getpwnam("nobody")
+    folder = tempfile.mkdtemp(prefix="cm-escape-")
+    try:
+        os.chmod(folder, 0o755)
+        target = os.path.join(folder, "owned-by-child")
+        with open(target, "w") as handle:
+            handle.write("x")
+        os.chown(target, nobody.pw_uid, nobody.pw_gid)
+        os.chmod(target, 0o600)
+        before = os.stat(target)
+        for source in (f"import os\nos.chmod({target!r}, 0o666)",
+                       f"import os\nos.chown({target!r}, -1, 0)",
+                       f"import os\nos.utime({target!r}, (0, 0))",
+                       f"import os\nos.setxattr({target!r}, 'user.x', b'1')"):
+            outcome = attempt(host, source)
+            assert_refused(outcome, "PermissionError")
+            assert outcome.error.message.startswith("[Errno 1]"), source
+        after = os.stat(target)
+        assert (after.st_mode, after.st_uid, after.st_gid, after.st_mtime) \
+            == (before.st_mode, before.st_uid, before.st_gid, before.st_mtime)
+    finally:
+        import shutil
+        shutil.rmtree(folder)
+
+
 # -- identity and limits ------------------------------------------------------
 
 def test_raising_its_own_hard_limits_is_refused(host):

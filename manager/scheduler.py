@@ -128,6 +128,13 @@ class Scheduler:
         # Nothing else scheduled: look again after a while, not every turn.
         self._scan_at = nxt or now + dt.timedelta(seconds=CHANGE_POLL_S)
 
+    def _look_again_at(self, when: dt.datetime | None) -> None:
+        """Scan for due policies no later than ``when``: the next scan was
+        set from the policies that were neither queued nor running."""
+        if when is not None and (self._scan_at is None
+                                 or when < self._scan_at):
+            self._scan_at = when
+
     def run_due_once(self) -> list[RunReport]:
         """Run everything due now and wait for it (tests, benchmarks)."""
         self.keep_reports = True
@@ -212,6 +219,7 @@ class Scheduler:
         # bring the one after forward.
         entry.last_run_at = now
         entry.schedule_next(now)
+        self._look_again_at(entry.next_due)
         self._per_tenant[entry.tenant] += 1
         future = self._pool.submit(
             self.runner.run, entry.loaded, cluster=self.cluster,
@@ -224,6 +232,8 @@ class Scheduler:
         for future in [f for f in self._running if f.done()]:
             entry = self._running.pop(future)
             self._per_tenant[entry.tenant] -= 1
+            # A scan while it ran passed it over as busy.
+            self._look_again_at(entry.next_due)
             try:
                 finished.append(future.result())
             except Exception:  # the runner itself failed: a bug

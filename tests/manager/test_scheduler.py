@@ -76,6 +76,43 @@ def test_a_policy_runs_when_due_and_not_before(setup):
         clock.now.timestamp(), abs=1)
 
 
+def test_a_frequent_policy_runs_on_time_beside_a_slower_one(setup):
+    # The next scan was set from the policies not running at the time, so
+    # one that had just run waited for the slower one's next minute.
+    scheduler, store, cluster, clock = setup()
+    often = EVERY_MINUTE.replace("crontab()", "every(seconds=10)")
+    store.upsert_policy("often", often, now=START.timestamp())
+    store.upsert_policy("minutely", EVERY_MINUTE, now=START.timestamp())
+    ran = []
+    for _ in range(9):
+        clock.advance(seconds=10)
+        ran.append(sorted(r.policy for r in scheduler.run_due_once()))
+    assert ran.count(["often"]) + ran.count(["minutely", "often"]) == 9
+    assert ran.count(["minutely", "often"]) == 2
+
+
+def test_a_policy_due_while_it_still_runs_runs_after(setup):
+    # Due again while its run is in progress: picked up once it ends, not
+    # at some other policy's next time.
+    scheduler, store, cluster, clock = setup()
+    often = EVERY_MINUTE.replace("crontab()", "every(seconds=10)")
+    store.upsert_policy("often", often, now=START.timestamp())
+    store.upsert_policy("hourly", EVERY_MINUTE.replace(
+        "crontab()", "crontab(minute=0)"), now=START.timestamp())
+    clock.advance(seconds=10)
+    scheduler.step()                      # starts "often"
+    assert [e.name for e in scheduler._running.values()] == ["often"]
+    clock.advance(seconds=15)             # a scan while it counts as busy
+    scheduler._queue_due(clock.now)
+    assert scheduler._scan_at > clock.now + dt.timedelta(minutes=30)
+    while scheduler._running:
+        scheduler._wait(1.0)
+        scheduler._collect()
+    assert scheduler._sleep_for(clock.now) == 0.0
+    (report,) = scheduler.run_due_once()  # the run it was due for
+    assert report.policy == "often"
+
+
 def test_a_failing_policy_is_recorded_and_others_run(setup):
     scheduler, store, cluster, clock = setup()
     store.upsert_policy("bad", EVERY_MINUTE.replace("w1@node1", "nope@x"),

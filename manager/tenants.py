@@ -50,6 +50,8 @@ _LIMIT_KEYS = {
     "memory_mb", "cpu_time_s", "wall_timeout_s", "max_calls",
     "output_bytes", "emails_per_run", "emails_per_hour", "runs_in_parallel",
 }
+# Counts and the CPU rlimit (whole seconds) take whole numbers only.
+_WHOLE_LIMIT_KEYS = _LIMIT_KEYS - {"memory_mb", "wall_timeout_s"}
 
 
 @dataclass(frozen=True)
@@ -186,12 +188,26 @@ def _tenant(name: str, spec: dict, where: str) -> Tenant:
         raise ConfigurationError(f"{where}: tenant {name}: unknown limit(s)"
                                  f" {', '.join(sorted(unknown))}")
     for key, value in limits.items():
-        if not isinstance(value, (int, float)) or isinstance(value, bool) \
+        kinds = (int,) if key in _WHOLE_LIMIT_KEYS else (int, float)
+        if not isinstance(value, kinds) or isinstance(value, bool) \
                 or value <= 0:
-            raise ConfigurationError(f"{where}: tenant {name}: limit {key}"
-                                     " must be a positive number")
+            raise ConfigurationError(
+                f"{where}: tenant {name}: limit {key} must be a positive"
+                f" {'whole number' if key in _WHOLE_LIMIT_KEYS else 'number'}")
     base = RunLimits()
-    run_limits = base.replace(
+    try:
+        run_limits = _run_limits(base, limits)
+    except ValueError as exc:
+        raise ConfigurationError(f"{where}: tenant {name}: {exc}") from None
+    return Tenant(name, scopes["workers"], scopes["tasks"], scopes["queues"],
+                  scopes["recipients"], run_limits,
+                  int(limits.get("emails_per_run", 5)),
+                  int(limits.get("emails_per_hour", 20)),
+                  int(limits.get("runs_in_parallel", 1)))
+
+
+def _run_limits(base: RunLimits, limits: dict) -> RunLimits:
+    return base.replace(
         memory_bytes=int(limits.get("memory_mb", base.memory_bytes / MIB)
                          * MIB),
         cpu_time_s=int(limits.get("cpu_time_s", base.cpu_time_s)),
@@ -200,8 +216,3 @@ def _tenant(name: str, spec: dict, where: str) -> Tenant:
         max_calls=int(limits.get("max_calls", base.max_calls)),
         output_bytes=int(limits.get("output_bytes", base.output_bytes)),
     )
-    return Tenant(name, scopes["workers"], scopes["tasks"], scopes["queues"],
-                  scopes["recipients"], run_limits,
-                  int(limits.get("emails_per_run", 5)),
-                  int(limits.get("emails_per_hour", 20)),
-                  int(limits.get("runs_in_parallel", 1)))

@@ -617,8 +617,13 @@ class Host:
     def _user(self, zyg: _Zygote, limits: RunLimits) -> tuple[int, int] | None:
         """The uid and gid children switch to, when the host is root."""
         name = limits.run_as_user
-        if not (name and zyg.caps.get("root")):
+        if not zyg.caps.get("root"):
             return None
+        if not name:
+            # Fail closed: a root child is held by the filters alone.
+            raise HostError("the manager runs as root, so policy children"
+                            " must run as another user: run_as_user is"
+                            " empty")
         user = self._users.get(name)
         if user is None:
             try:
@@ -626,6 +631,9 @@ class Host:
             except KeyError:
                 raise HostError(f"cannot run policy children as user"
                                 f" {name!r}: no such user") from None
+            if entry.pw_uid == 0 or entry.pw_gid == 0:
+                raise HostError(f"cannot run policy children as user"
+                                f" {name!r}: it is root or in group root")
             user = self._users[name] = (entry.pw_uid, entry.pw_gid)
         return user
 

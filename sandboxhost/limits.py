@@ -33,11 +33,37 @@ class RunLimits:
     # When the host runs as root, children run as this user.
     run_as_user: str = "nobody"
 
+    def __post_init__(self) -> None:
+        for name, low, high in _BOUNDS:
+            value = getattr(self, name)
+            if type(value) is not int or not low <= value <= high:
+                raise ValueError(f"{name} must be a whole number from {low}"
+                                 f" to {high}, not {value!r}")
+        timeout = self.wall_timeout_s
+        if type(timeout) not in (int, float) or not 0 < timeout <= MAX_WALL_S:
+            raise ValueError(f"wall_timeout_s must be a number of seconds"
+                             f" above 0 and at most {MAX_WALL_S}, not"
+                             f" {timeout!r}")
+        if not isinstance(self.run_as_user, str):
+            raise ValueError("run_as_user must be a user name")
+
     def replace(self, **changes) -> "RunLimits":
         return replace(self, **changes)
 
     def as_dict(self) -> dict:
         return asdict(self)
 
+
+# (field, lowest, highest): what the kernel and the protocol can take. The
+# child's channel is fd 3, so it needs at least 4 descriptors.
+_BOUNDS = (
+    ("cpu_time_s", 1, 24 * 3600),
+    ("memory_bytes", 16 * MIB, 1 << 46),
+    ("open_files", 4, 1 << 16),
+    ("max_calls", 0, 1 << 31),
+    ("output_bytes", 0, 1 << 31),
+    ("frame_bytes", 1024, 1 << 30),
+)
+MAX_WALL_S = 24 * 3600
 
 DEFAULT_LIMITS = RunLimits()

@@ -165,6 +165,12 @@ def test_no_file_means_one_unrestricted_tenant(cluster):
     ("[tenants.a]\nwho = []\n", "unknown key(s) who"),
     ("[tenants.a.limits]\nmemory_mb = -1\n", "must be a positive number"),
     ("[tenants.a.limits]\nram = 1\n", "unknown limit(s) ram"),
+    ("[tenants.a.limits]\ncpu_time_s = 0.5\n",
+     "limit cpu_time_s must be a positive whole number"),
+    ("[tenants.a.limits]\nmemory_mb = 1e20\n",
+     "tenant a: memory_bytes must be a whole number from"),
+    ("[tenants.a.limits]\nmemory_mb = 4\n",
+     "tenant a: memory_bytes must be a whole number from"),
     ('[tenants."a b"]\n', "is not a valid tenant name"),
 ])
 def test_bad_tenants_files_are_refused(tmp_path, text, message):

@@ -320,6 +320,29 @@ def test_an_unknown_user_to_run_as_is_a_host_error(host):
     assert host.run(wire(), handler=no_calls).ok
 
 
+@pytest.mark.parametrize("field, value", [
+    ("cpu_time_s", 0), ("cpu_time_s", 0.5), ("memory_bytes", 1 << 63),
+    ("memory_bytes", 1024), ("open_files", 3), ("max_calls", -1),
+    ("wall_timeout_s", 0), ("wall_timeout_s", float("nan")),
+    ("frame_bytes", True), ("run_as_user", None),
+])
+def test_limits_out_of_range_are_refused_when_made(field, value):
+    with pytest.raises(ValueError) as info:
+        RunLimits().replace(**{field: value})
+    assert str(info.value).startswith(field)
+
+
+def test_a_root_host_refuses_to_run_children_as_root(host):
+    if os.geteuid() != 0:
+        pytest.skip("children switch user only when the host is root")
+    for user in ("", "root"):
+        with pytest.raises(HostError) as info:
+            host.run(wire(), handler=no_calls,
+                     limits=RunLimits(run_as_user=user))
+        assert "root" in str(info.value)
+    assert host.run(wire(), handler=no_calls).ok
+
+
 def test_missing_kernel_layers_are_logged_once(caplog):
     caplog.set_level(logging.WARNING, logger="sandboxhost.host")
     host = Host()

@@ -568,10 +568,12 @@ def wait_until_gone(pid: int, wait_s: float = 10.0) -> bool:
 
 
 def test_a_child_that_cannot_apply_its_limits_never_runs_policy_code(host):
-    # RLIMIT_NOFILE above the kernel's ceiling: setrlimit fails in the
-    # child, which must end before any policy code runs.
-    outcome = attempt(host, "print('ran')",
-                      limits=LIMITS.replace(open_files=1 << 40))
+    # RLIMIT_NOFILE above the kernel's ceiling (past RunLimits' own check):
+    # setrlimit fails in the child, which must end before any policy code
+    # runs.
+    limits = LIMITS.replace()
+    object.__setattr__(limits, "open_files", 1 << 40)
+    outcome = attempt(host, "print('ran')", limits=limits)
     assert isinstance(outcome.error, ChildDied), outcome
     assert "could not apply its limits" in outcome.error.message
     assert outcome.output == []

@@ -441,6 +441,8 @@ handle_control(struct server *srv)
     if (req.type == REQ_FORK && n_fds == 1)
         return fork_request(srv, &req, fds[0]);
     close_fds(fds, n_fds);
+    if (req.type == REQ_FORK)   /* no channel: say so, do not leave it waiting */
+        return send_report(srv, REP_FORK_FAILED, 0, req.id, -1, 0, EBADF);
     if (req.type == REQ_KILL) {
         pid_t pid = find_child(req.id);
         if (pid > 0)

@@ -1,6 +1,7 @@
 """The host runs compiled sections in children: results, calls, errors."""
 
 import datetime
+import errno
 import logging
 import marshal
 import os
@@ -427,3 +428,21 @@ def test_a_template_that_cannot_serve_says_why_and_exits(tmp_path):
     assert done.returncode == 1
     assert ("sandboxhost: the template process failed: RuntimeError: the"
             " template process has more than one thread") in done.stderr
+
+
+def test_the_template_answers_a_fork_request_without_a_channel():
+    # A request the host got wrong ends its run at once, not at its
+    # deadline.
+    from sandboxhost import zygote
+    from sandboxhost.host import _Job
+    with Host() as host:
+        host.start()
+        zyg = host._zygote
+        job = _Job(10_000)
+        with zyg._lock:
+            zyg._jobs[job.id] = job
+        zyg.control.send(zygote.FORK_REQUEST.pack(
+            zygote.REQ_FORK, 0, job.id, 64 << 20, 1, 8, -1, -1))
+        assert job.exited.wait(5)
+        assert job.fork_error == f"fork: {os.strerror(errno.EBADF)}"
+        assert host.run(wire(), handler=no_calls).ok

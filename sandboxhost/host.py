@@ -281,6 +281,10 @@ class _Zygote:
         except OSError:
             with self._lock:
                 self._jobs.pop(job.id, None)
+                # Its control socket is broken: never ask it again, even
+                # while the process is still on its way out (not yet a
+                # zombie, so it still looks alive).
+                self.dead = True
             raise
         return job
 

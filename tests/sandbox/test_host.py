@@ -446,3 +446,14 @@ def test_the_template_answers_a_fork_request_without_a_channel():
         assert job.exited.wait(5)
         assert job.fork_error == f"fork: {os.strerror(errno.EBADF)}"
         assert host.run(wire(), handler=no_calls).ok
+
+
+def test_a_template_whose_control_socket_broke_is_replaced():
+    # Sends fail while the process may still look alive: the next run
+    # must get a new template, not a second try at the broken one.
+    with Host() as host:
+        assert host.run(wire(), handler=no_calls).ok
+        old = host.zygote_pid
+        host._zygote.control.shutdown(socket.SHUT_WR)
+        assert host.run(wire(), handler=no_calls).ok
+        assert host.zygote_pid != old

@@ -32,6 +32,11 @@ from manager.tenants import Tenant, unrestricted
 logger = logging.getLogger(__name__)
 
 
+# A schedule section only builds schedule data, and it is evaluated in the
+# manager loop when a policy's text changes: its run gets at most this.
+SCHEDULE_WALL_TIMEOUT_S = 2.0
+
+
 class PolicyLoadError(Exception):
     """Raised when a policy's schedule section fails or returns bad data."""
 
@@ -155,9 +160,11 @@ class PolicyRunner:
         """
         compiled = check_and_compile(source, filename)
         tenant = tenant or unrestricted()
+        limits = tenant.limits.replace(wall_timeout_s=min(
+            tenant.limits.wall_timeout_s, SCHEDULE_WALL_TIMEOUT_S))
         outcome = self.host.run(
             compiled.wire(), handler=_no_calls, mode="schedule",
-            limits=tenant.limits, policy=name or policy_name(filename),
+            limits=limits, policy=name or policy_name(filename),
             now=self.local_now(now), fixed_clock=now is not None)
         line = next((s.first_line for s in compiled.sections
                      if s.name == "schedule"), None)

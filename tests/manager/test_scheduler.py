@@ -240,3 +240,17 @@ def test_tenants_take_turns_for_slots(setup):
     assert running == ["a", "b"]
     reports = scheduler.run_due_once()
     assert len(reports) == 5
+
+
+def test_a_spinning_schedule_section_is_stopped_early(setup, caplog):
+    # Schedule sections run in the manager loop; theirs is a short leash.
+    scheduler, store, cluster, clock = setup()
+    spin = EVERY_MINUTE.replace("crontab()",
+                                "crontab(minute=sum(range(10 ** 12)))")
+    store.upsert_policy("spin", spin, now=START.timestamp())
+    store.upsert_policy("grow", EVERY_MINUTE, now=START.timestamp())
+    clock.advance(minutes=1)
+    (report,) = scheduler.run_due_once()
+    assert report.policy == "grow" and report.ok
+    assert ("went past its wall-clock limit of 2.0 s" in caplog.text
+            or "CPU time limit" in caplog.text)

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import fnmatch
 import logging
+import math
 import re
 import tomllib
 from dataclasses import dataclass, field
@@ -190,7 +191,7 @@ def _tenant(name: str, spec: dict, where: str) -> Tenant:
     for key, value in limits.items():
         kinds = (int,) if key in _WHOLE_LIMIT_KEYS else (int, float)
         if not isinstance(value, kinds) or isinstance(value, bool) \
-                or value <= 0:
+                or not 0 < value < math.inf:
             raise ConfigurationError(
                 f"{where}: tenant {name}: limit {key} must be a positive"
                 f" {'whole number' if key in _WHOLE_LIMIT_KEYS else 'number'}")

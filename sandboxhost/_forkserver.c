@@ -59,6 +59,10 @@
 #define LL_NET_CONNECT_TCP (1ULL << 1)
 #define LL_SCOPE_ABSTRACT_UNIX_SOCKET (1ULL << 0)
 #define LL_SCOPE_SIGNAL (1ULL << 1)
+#ifndef PR_SET_MDWE
+#define PR_SET_MDWE 65
+#define PR_MDWE_REFUSE_EXEC_GAIN (1UL << 0)
+#endif
 #ifndef SYS_close_range
 #define SYS_close_range 436
 #endif
@@ -221,6 +225,13 @@ harden(const struct request *req, int channel_fd, pid_t zygote_pid,
         child_fail("pdeathsig", errno);
     if (getppid() != zygote_pid)
         child_fail("the zygote died before the child was ready", ESRCH);
+
+    /* No memory that was writable becomes executable, and none is both
+       (Linux 6.3 on; older kernels refuse the option, and the seccomp
+       filter still refuses memory both writable and executable). */
+    if (prctl(PR_SET_MDWE, PR_MDWE_REFUSE_EXEC_GAIN, 0, 0, 0) != 0
+            && errno != EINVAL)
+        child_fail("memory-deny-write-execute", errno);
 
     if (ruleset_fd >= 0
             && syscall(SYS_LANDLOCK_RESTRICT_SELF, ruleset_fd, 0) != 0)

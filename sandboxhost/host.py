@@ -566,7 +566,8 @@ class Host:
     def missing_layers(self) -> dict[str, str]:
         """Kernel layers children run without here, each with the reason.
 
-        Keys: "seccomp", "landlock", "run_as_user". Starts the template
+        Keys: "seccomp", "landlock", "landlock_scopes" (no signal scoping
+        in this kernel's Landlock), "run_as_user". Starts the template
         process if needed.
         """
         with self._lock:

@@ -46,6 +46,9 @@ class RunLimits:
                              f" {timeout!r}")
         if not isinstance(self.run_as_user, str):
             raise ValueError("run_as_user must be a user name")
+        for name in ("seccomp", "landlock"):
+            if type(getattr(self, name)) is not bool:
+                raise ValueError(f"{name} must be True or False")
 
     def replace(self, **changes) -> "RunLimits":
         return replace(self, **changes)

@@ -82,6 +82,8 @@ FORBIDDEN_MODULES = ("celery", "kombu", "sqlalchemy", "redis", "manager",
                      "multiprocess", "dill", "pyseccomp", "logging",
                      "threading")
 _BPF_INSN_BYTES = 8
+# The Landlock ABI that scopes signals and abstract unix sockets.
+LANDLOCK_ABI_SCOPES = 6
 
 # Denied with EPERM in every child: whatever reaches the network, other
 # processes, the kernel's configuration, new privileges or a new program.
@@ -130,12 +132,39 @@ SECCOMP_DENY = (
     "fsetxattr", "removexattr", "lremovexattr", "fremovexattr",
     # Resources of the whole machine: the system-wide AIO pool, disk flushes
     "io_setup", "io_submit", "sync", "syncfs",
+    # Locks on files other runs can read: a channel between concurrent runs
+    "flock",
+    # The channel is read and written with read() and write(); the socket
+    # calls would add out-of-band data and descriptor passing, and the
+    # pipe-splicing calls kernel paths Python never needs.
+    "sendto", "sendmsg", "sendmmsg", "recvfrom", "recvmsg", "recvmmsg",
+    "splice", "tee", "vmsplice",
 )
 # libseccomp's scmp_filter_attr SCMP_FLTATR_CTL_OPTIMIZE, value 2.
 SCMP_FLTATR_CTL_OPTIMIZE, SCMP_OPTIMIZE_TREE = 8, 2
 # Denied only for some arguments (see SeccompProgram.build).
+# The kernel reads these arguments as 32-bit ints: compare the low 32 bits
+# only, or a value with high bits set would pass.
+LOW_32_BITS = 0xFFFF_FFFF
 PR_SET_PDEATHSIG, PR_SET_DUMPABLE, PR_SET_PTRACER = 1, 4, 0x59616D61
+# fcntl commands that send signals (SIGIO/SIGURG to any process or group,
+# lease breaks, directory notices) or take file locks.
+FCNTL_DENIED = {
+    "F_SETOWN": 8, "F_SETSIG": 10, "F_SETOWN_EX": 15, "F_SETLEASE": 1024,
+    "F_NOTIFY": 1026, "F_SETLK": 6, "F_SETLKW": 7, "F_OFD_SETLK": 37,
+    "F_OFD_SETLKW": 38,
+}
+# Socket ioctls (SIOC*, FIOSETOWN): the machine's interfaces and addresses,
+# and signal targets.
 SIOC_IOCTL_MASK, SIOC_IOCTL_TYPE = 0xFF00, 0x8900
+# ioctls that change a file the child's user owns (attribute flags,
+# fs-verity, which cannot be undone) without opening it for writing.
+IOCTL_DENIED = {
+    "FS_IOC_SETFLAGS": 0x40086602, "FS_IOC32_SETFLAGS": 0x40046602,
+    "FS_IOC_FSSETXATTR": 0x401C5820, "FS_IOC_SETVERSION": 0x40087602,
+    "FS_IOC32_SETVERSION": 0x40047602, "FS_IOC_ENABLE_VERITY": 0x40806685,
+    "FIOSETOWN": 0x8901, "SIOCSPGRP": 0x8902, "TIOCSPGRP": 0x5410,
+}
 PROT_WRITE_EXEC = 0x2 | 0x4
 # System calls newer than every one above (Linux 6.6 on) fail with ENOSYS,
 # as on an older kernel: a second, fixed filter in _forkserver.c.
@@ -172,6 +201,12 @@ class _Kernel:
         except OSError as exc:
             name = errno.errorcode.get(exc.errno, str(exc.errno))
             self.missing["landlock"] = f"{exc.strerror} ({name})"
+        else:
+            if self.landlock_abi < LANDLOCK_ABI_SCOPES:
+                self.missing["landlock_scopes"] = (
+                    f"Landlock ABI {self.landlock_abi} (Linux 6.12 brings 6):"
+                    " signals and abstract sockets are not confined to the"
+                    " child; only the seccomp filter refuses them")
         self.seccomp_unknown = list(seccomp.unknown)
         self.seccomp_program = seccomp.program
         if seccomp.program is None:
@@ -235,12 +270,21 @@ class SeccompProgram:
             # The death signal and non-dumpability hold for the child's
             # whole life; it names no process that may trace it.
             for option in (PR_SET_PDEATHSIG, PR_SET_DUMPABLE, PR_SET_PTRACER):
-                flt.add_rule(deny, "prctl",
-                             pyseccomp.Arg(0, pyseccomp.EQ, option))
-            # Socket ioctls (SIOC*) list the machine's interfaces and
-            # addresses, even on the channel.
+                flt.add_rule(deny, "prctl", pyseccomp.Arg(
+                    0, pyseccomp.MASKED_EQ, LOW_32_BITS, option))
+            for command in FCNTL_DENIED.values():
+                flt.add_rule(deny, "fcntl", pyseccomp.Arg(
+                    1, pyseccomp.MASKED_EQ, LOW_32_BITS, command))
             flt.add_rule(deny, "ioctl", pyseccomp.Arg(
                 1, pyseccomp.MASKED_EQ, SIOC_IOCTL_MASK, SIOC_IOCTL_TYPE))
+            for request in IOCTL_DENIED.values():
+                flt.add_rule(deny, "ioctl", pyseccomp.Arg(
+                    1, pyseccomp.MASKED_EQ, LOW_32_BITS, request))
+            # Other processes' groups, sessions and priorities: a child
+            # asks only about itself (0).
+            for name, arg in (("getpgid", 0), ("getsid", 0),
+                              ("getpriority", 1)):
+                flt.add_rule(deny, name, pyseccomp.Arg(arg, pyseccomp.NE, 0))
             # No memory both writable and executable (Python needs none):
             # an escape from the interpreter gets no easy native code.
             for name in ("mmap", "mprotect", "pkey_mprotect"):

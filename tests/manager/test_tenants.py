@@ -171,6 +171,10 @@ def test_no_file_means_one_unrestricted_tenant(cluster):
      "tenant a: memory_bytes must be a whole number from"),
     ("[tenants.a.limits]\nmemory_mb = 4\n",
      "tenant a: memory_bytes must be a whole number from"),
+    ("[tenants.a.limits]\nmemory_mb = inf\n",
+     "limit memory_mb must be a positive number"),
+    ("[tenants.a.limits]\nwall_timeout_s = nan\n",
+     "limit wall_timeout_s must be a positive number"),
     ('[tenants."a b"]\n', "is not a valid tenant name"),
 ])
 def test_bad_tenants_files_are_refused(tmp_path, text, message):

@@ -325,7 +325,8 @@ def test_an_unknown_user_to_run_as_is_a_host_error(host):
     ("cpu_time_s", 0), ("cpu_time_s", 0.5), ("memory_bytes", 1 << 63),
     ("memory_bytes", 1024), ("open_files", 3), ("max_calls", -1),
     ("wall_timeout_s", 0), ("wall_timeout_s", float("nan")),
-    ("frame_bytes", True), ("run_as_user", None),
+    ("frame_bytes", True), ("run_as_user", None), ("landlock", None),
+    ("seccomp", 0),
 ])
 def test_limits_out_of_range_are_refused_when_made(field, value):
     with pytest.raises(ValueError) as info:

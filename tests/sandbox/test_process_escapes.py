@@ -288,6 +288,57 @@ def test_system_calls_newer_than_the_filter_fail_with_enosys(host, name,
     assert run_syscall(host, number, 0, 0, 0, 0) == [f"-1 {errno.ENOSYS}\n"]
 
 
+LIBC = "import ctypes, os\nlibc = ctypes.CDLL(None, use_errno=True)\n"
+# A file every child can read (the interpreter's own may sit in a folder
+# the child's user cannot enter).
+READABLE = "import sandboxhost\nfd = os.open(sandboxhost.__file__, os.O_RDONLY)\n"
+EPERM_LINE = f"-1 {errno.EPERM}\n"
+
+
+@pytest.mark.parametrize("name, source", [
+    # The kernel reads prctl's option as an int: high bits must not help.
+    ("PR_SET_PDEATHSIG, high bits", "r = libc.syscall(157,"
+     " ctypes.c_long((1 << 32) | 1), ctypes.c_long(0))"),
+    ("PR_SET_DUMPABLE, high bits", "r = libc.syscall(157,"
+     " ctypes.c_long((1 << 32) | 4), ctypes.c_long(1))"),
+    # SIGIO to another process: a signal without kill().
+    ("F_SETOWN", "rd, wr = os.pipe()\nr = libc.fcntl(rd, 8, 1)"),
+    ("F_SETSIG", "rd, wr = os.pipe()\nr = libc.fcntl(rd, 10, 9)"),
+    ("F_SETOWN, high bits", "rd, wr = os.pipe()\nr = libc.syscall(72,"
+     " rd, ctypes.c_long((1 << 32) | 8), 1)"),
+    ("flock", READABLE + "r = libc.flock(fd, 2)"),
+    ("F_SETLK", READABLE + "lock = ctypes.create_string_buffer(32)\n"
+     "r = libc.fcntl(fd, 6, lock)"),
+    ("FS_IOC_SETFLAGS", READABLE + "flags = ctypes.c_long(0)\n"
+     "r = libc.ioctl(fd, ctypes.c_ulong(0x40086602), ctypes.byref(flags))"),
+    ("sendto MSG_OOB on the channel", "r = libc.send(3, b'x', 1, 1)"),
+    ("recvmsg", "r = libc.recvmsg(3, None, 0)"),
+    ("splice", "r = libc.splice(3, None, 3, None, 1, 0)"),
+    ("getpgid of another process", "r = libc.getpgid(1)"),
+])
+def test_signals_locks_and_side_channels_are_refused(host, name, source):
+    require(host, "seccomp")
+    outcome = attempt(host, LIBC + source
+                      + "\nprint(r, ctypes.get_errno())")
+    assert outcome.output == [EPERM_LINE], outcome
+
+
+def test_memory_that_was_writable_cannot_become_executable(host):
+    outcome = attempt(host, LIBC + (
+        "libc.mmap.restype = ctypes.c_void_p\n"
+        "libc.mmap.argtypes = (ctypes.c_void_p, ctypes.c_size_t,"
+        " ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long)\n"
+        "page = libc.mmap(None, 4096, 3, 0x22, -1, 0)\n"
+        "libc.mprotect.argtypes = (ctypes.c_void_p, ctypes.c_size_t,"
+        " ctypes.c_int)\n"
+        "print(libc.mprotect(page, 4096, 5), ctypes.get_errno())"))
+    kernel = tuple(int(p) for p in os.uname().release.split(".")[:2]
+                   if p.isdigit())
+    if kernel < (6, 3):
+        pytest.skip("memory-deny-write-execute needs Linux 6.3")
+    assert outcome.output == [f"-1 {errno.EACCES}\n"], outcome
+
+
 def test_reading_its_own_settings_still_works(host):
     require(host, "seccomp")
     # PR_GET_DUMPABLE and PR_GET_PDEATHSIG are not refused.

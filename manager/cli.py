@@ -197,7 +197,7 @@ def _print_report(loaded, report, emails, as_json: bool) -> None:
     if error is not None:
         where = f"{loaded.filename}:{error.line}" if error.line \
             else loaded.filename
-        kind = getattr(error, "type_name", error.kind)
+        kind = printable(getattr(error, "type_name", error.kind), 100)
         section = f"in {error.section}: " if error.section else ""
         print(f"error:     {where}: {section}{printable(error.message, 2000)}"
               f" ({kind})")
@@ -316,7 +316,7 @@ def _cmd_show(args: argparse.Namespace, ctx: Context) -> int:
           f" {'enabled' if policy.enabled else 'disabled'}; last run"
           f" {_when(policy.last_run_at)}{outcome})")
     if policy.last_error:
-        print(f"# last error: {policy.last_error}")
+        print(f"# last error: {printable(policy.last_error, 2000)}")
     print(policy.source, end="" if policy.source.endswith("\n") else "\n")
     return EXIT_OK
 
@@ -368,9 +368,10 @@ def _cmd_history(args: argparse.Namespace, ctx: Context) -> int:
         for call in run.calls:
             result = call.get("value") if call.get("ok") else \
                 f"refused: {call.get('error')}"
-            print(f"    call {call.get('op')} {call.get('args')} -> {result}")
+            print(f"    call {printable(call.get('op'), 100)}"
+                  f" {printable(call.get('args'))} -> {printable(result)}")
         if run.error_message:
-            print(f"    error: {run.error_message}")
+            print(f"    error: {printable(run.error_message, 2000)}")
     if not runs:
         print("no runs")
     return EXIT_OK
@@ -400,7 +401,7 @@ def _cmd_run(args: argparse.Namespace, ctx: Context) -> int:
                 loaded = runner.load(stored.source, f"<policy {stored.name}>",
                                      name=stored.name, tenant=tenant)
             except (PolicySyntaxError, PolicyLoadError) as exc:
-                print(f"policy {stored.name}: {exc}")
+                print(f"policy {stored.name}: {printable(exc, 2000)}")
                 return EXIT_FAILED
         else:
             loaded, code = _load_for_cli(runner, str(target), tenant=tenant)

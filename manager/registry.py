@@ -26,7 +26,8 @@ from sandboxhost.errors import PolicySyntaxError
 from sandboxhost.language import check
 
 from manager.errors import ConfigurationError, StoreError
-from manager.runner import LoadedPolicy, PolicyLoadError, PolicyRunner
+from manager.runner import (LoadedPolicy, PolicyLoadError, PolicyRunner,
+                            printable)
 from manager.schedules import ScheduleError, build_schedule
 from manager.store import Policy, Store
 from manager.tenants import DEFAULT_TENANT, Tenants
@@ -234,7 +235,9 @@ class Registry:
         """Log a policy's problem once, not on every refresh."""
         if self._reported.get(name) != message:
             self._reported[name] = message
-            logger.error("policy %s: %s", name, message)
+            # Policy text and its errors, one escaped line each.
+            logger.error("policy %s: %s", name, "\n".join(
+                printable(line, 2000) for line in message.splitlines()))
 
     # -- queries -------------------------------------------------------------------
 

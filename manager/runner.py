@@ -214,7 +214,7 @@ class PolicyRunner:
         else:
             logger.error("policy %s (tenant %s, run %s): %s", policy.name,
                          tenant.name, report.run_id,
-                         describe_run_error(outcome.error),
+                         printable(describe_run_error(outcome.error), 2000),
                          extra={"policy": policy.name, "tenant": tenant.name,
                                 "run_id": report.run_id})
         return report

@@ -254,3 +254,27 @@ def test_a_spinning_schedule_section_is_stopped_early(setup, caplog):
     assert report.policy == "grow" and report.ok
     assert ("went past its wall-clock limit of 2.0 s" in caplog.text
             or "CPU time limit" in caplog.text)
+
+
+FORGING = EVERY_MINUTE.replace(
+    'workers["w1@node1"].prefetch.increment()',
+    'datetime.datetime.strptime("2020" + chr(10) + "2099-01-01 CRITICAL'
+    ' forged" + chr(27) + "[8m", "%Y")')
+
+
+def test_policy_error_text_cannot_forge_log_lines_or_terminal_codes(
+        setup, caplog, tmp_path, capsys):
+    scheduler, store, cluster, clock = setup()
+    store.upsert_policy("forge", FORGING, now=START.timestamp())
+    clock.advance(minutes=1)
+    (report,) = scheduler.run_due_once()
+    assert not report.ok
+    assert "\x1b" not in caplog.text
+    assert not any(line.startswith("2099") for line in caplog.text.splitlines())
+    assert "\\n2099-01-01 CRITICAL forged\\x1b[8m" in caplog.text
+    # The stored message is kept as it was; the history prints it escaped.
+    from manager.cli import cmpolicy_main
+    assert cmpolicy_main(["history", "forge", "--db",
+                          f"sqlite:///{tmp_path / 'm.db'}"]) == 0
+    out = capsys.readouterr().out
+    assert "\x1b" not in out and "\\n2099-01-01" in out

@@ -702,6 +702,7 @@ class Host:
             "t": "start", "mode": mode, "policy": policy, "code": code_wire,
             "now": _naive_local(now).isoformat(), "fixed_clock": fixed_clock,
             "max_calls": limits.max_calls, "output_bytes": limits.output_bytes,
+            "frame_bytes": limits.frame_bytes,
             "test_builtins": self._unsafe}, protocol.HOST_FRAME_MAX_BYTES)
 
         for attempt in range(2):

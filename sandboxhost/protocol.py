@@ -357,7 +357,8 @@ def check_child_frame(frame: object) -> dict:
 
 
 _START_KEYS = frozenset({"t", "mode", "policy", "code", "now", "fixed_clock",
-                         "max_calls", "output_bytes", "test_builtins"})
+                         "max_calls", "output_bytes", "frame_bytes",
+                         "test_builtins"})
 _CODE_KEYS = frozenset({"filename", "schedule", "conditions", "apply"})
 
 
@@ -373,7 +374,7 @@ def check_start_frame(frame: object) -> dict:
     for key in ("fixed_clock", "test_builtins"):
         if type(frame[key]) is not bool:
             _fail(f"start {key} must be a bool")
-    for key in ("max_calls", "output_bytes"):
+    for key in ("max_calls", "output_bytes", "frame_bytes"):
         if type(frame[key]) is not int or frame[key] < 0:
             _fail(f"start {key} must be a non-negative integer")
     code = frame["code"]

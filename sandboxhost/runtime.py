@@ -20,6 +20,7 @@ import datetime
 import marshal
 import mmap
 import os
+import signal
 import socket
 import time
 import types
@@ -66,15 +67,18 @@ class Bridge:
     def __init__(self, channel: Channel):
         self._channel = channel
         self.configure(max_calls=0, output_bytes=0,
+                       frame_bytes=protocol.HOST_FRAME_MAX_BYTES,
                        start=datetime.datetime(2000, 1, 1), fixed_clock=True)
 
     def configure(self, *, max_calls: int, output_bytes: int,
+                  frame_bytes: int,
                   start: datetime.datetime, fixed_clock: bool) -> None:
         """Set the run's budgets and clock (from its start frame)."""
         self._max_calls = max_calls
         self._calls = 0
         self._output_bytes = output_bytes
         self._output_left = output_bytes
+        self._frame_bytes = frame_bytes
         self._start = start
         self._start_mono = time.monotonic()
         self._fixed = fixed_clock
@@ -86,7 +90,8 @@ class Bridge:
                 f"call limit reached: a run may make at most"
                 f" {self._max_calls} calls (max_calls)")
         self._calls += 1
-        self._channel.send({"t": "call", "op": op, "args": args})
+        self._send({"t": "call", "op": op, "args": args}, "the call's"
+                   " arguments")
         reply = protocol.check_reply_frame(
             self._channel.recv(protocol.HOST_FRAME_MAX_BYTES))
         if reply["ok"]:
@@ -104,7 +109,18 @@ class Bridge:
                 f"output limit reached: a run may print at most"
                 f" {self._output_bytes} bytes (output_bytes)")
         self._output_left -= size
-        self._channel.send({"t": "out", "text": text})
+        self._send({"t": "out", "text": text}, "the printed text")
+
+    def _send(self, frame: dict, what: str) -> None:
+        """Send a frame, or raise in policy code if the host would refuse
+        it as too large (so the error names the policy's line)."""
+        try:
+            data = protocol.encode_frame(frame, self._frame_bytes)
+        except protocol.FrameTooLarge as exc:
+            raise RunBudgetExceeded(
+                f"{what} are too large to send: {exc.size} bytes, more than"
+                f" {self._frame_bytes} (frame_bytes)") from None
+        self._channel.send_raw(data)
 
     def now(self) -> datetime.datetime:
         """The run's clock: fixed, or the start time plus elapsed time."""
@@ -154,7 +170,9 @@ def _exc_text(exc: BaseException) -> str:
         text = "<unprintable exception>"
     if len(text) > protocol.ERROR_MESSAGE_MAX_CHARS:
         text = text[:protocol.ERROR_MESSAGE_MAX_CHARS - 3] + "..."
-    return text
+    # A lone surrogate cannot be sent as UTF-8: escape it, or the report
+    # itself fails and the run looks like a crash without a line.
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def _type_name(exc: BaseException) -> str:
@@ -265,6 +283,7 @@ class Runtime:
         namespaces = self.namespaces[test_builtins]
         self.bridge.configure(
             max_calls=start["max_calls"], output_bytes=start["output_bytes"],
+            frame_bytes=start["frame_bytes"],
             start=datetime.datetime.fromisoformat(start["now"]),
             fixed_clock=start["fixed_clock"])
         code = start["code"]
@@ -306,6 +325,18 @@ def serve(channel: Channel, *, allow_test_builtins: bool = False) -> int:
     return Runtime(channel, allow_test_builtins=allow_test_builtins).serve()
 
 
+def _cpu_time_exceeded(signum: int, frame: object) -> None:
+    raise RunBudgetExceeded("CPU time limit reached (cpu_time_s)")
+
+
+def catch_cpu_limit() -> None:
+    """For the zygote: SIGXCPU, sent at a child's soft CPU limit, raises in
+    the policy code that is running, so the error names its section and
+    line. Code that runs in C until then (a huge sum()) cannot be
+    interrupted: the hard limit a second later kills it."""
+    signal.signal(signal.SIGXCPU, _cpu_time_exceeded)
+
+
 def rehearse(rounds: int = REHEARSAL_ROUNDS) -> None:
     """Serve a fixed policy of ours a few times, in this process.
 
@@ -335,7 +366,8 @@ def rehearse(rounds: int = REHEARSAL_ROUNDS) -> None:
                 "t": "start", "mode": mode, "policy": "rehearsal",
                 "code": code, "now": "2000-01-01T00:00:00",
                 "fixed_clock": bool(i % 3), "max_calls": 4,
-                "output_bytes": 1024, "test_builtins": False}))
+                "output_bytes": 1024, "frame_bytes": 65536,
+                "test_builtins": False}))
             if mode == "run":
                 ours.sendall(reply)
             rehearsal._where = "runtime"

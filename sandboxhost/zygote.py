@@ -323,6 +323,7 @@ class Zygote:
             # lets a child map no extension module of its own).
             import ctypes  # noqa: F401
             import resource  # noqa: F401
+        runtime.catch_cpu_limit()
         runtime.rehearse()
         # Built once here; each child uses its own copy-on-write copy.
         self.runtime = runtime.Runtime(Channel(CHILD_FD),

@@ -295,7 +295,8 @@ def test_the_runtime_refuses_test_builtins_it_was_not_started_for():
     ours, theirs = socket.socketpair()
     frame = {"t": "start", "mode": "run", "policy": "p", "code": wire(),
              "now": "2026-01-01T00:00:00", "fixed_clock": True,
-             "max_calls": 1, "output_bytes": 10, "test_builtins": True}
+             "max_calls": 1, "output_bytes": 10, "frame_bytes": 65536,
+             "test_builtins": True}
     try:
         ours.sendall(protocol.encode_frame(frame))
         code = runtime.serve(protocol.Channel(theirs),

@@ -465,8 +465,29 @@ def test_a_growing_list_is_a_memory_error(host):
     assert outcome.error.section == "apply"
 
 
-def test_a_cpu_spin_is_killed_at_the_cpu_limit(host):
-    outcome = attempt(host, "while True:\n    pass",
+def test_a_cpu_spin_in_python_is_stopped_at_its_line(host):
+    # SIGXCPU at the soft limit raises in the running policy code.
+    outcome = attempt(host, "x = 1\nwhile True:\n    pass",
+                      limits=LIMITS.replace(cpu_time_s=1))
+    assert_refused(outcome, "LimitExceeded")
+    assert (outcome.error.section, outcome.error.line) == ("apply", 2)
+    assert outcome.error.message == "CPU time limit reached (cpu_time_s)"
+
+
+def test_a_cpu_spin_in_c_is_killed_at_the_hard_limit(host):
+    # One call into C never returns to Python to take the signal.
+    outcome = attempt(host, "x = sum(range(10 ** 15))",
+                      limits=LIMITS.replace(cpu_time_s=1))
+    assert isinstance(outcome.error, ChildDied)
+    assert outcome.error.signal == signal.SIGKILL
+    assert outcome.error.message == ("killed by SIGKILL: CPU time limit of"
+                                     " 1 s exceeded")
+
+
+def test_a_cpu_spin_that_restores_sigxcpu_dies_of_it(host):
+    outcome = attempt(host, "import signal\n"
+                            "signal.signal(signal.SIGXCPU, signal.SIG_DFL)\n"
+                            "while True:\n    pass",
                       limits=LIMITS.replace(cpu_time_s=1))
     assert isinstance(outcome.error, ChildDied)
     assert outcome.error.signal == signal.SIGXCPU
@@ -661,3 +682,22 @@ def test_the_template_maps_nothing_shared_and_writable(host):
                            if line.split()[1].startswith("rw")
                            and line.split()[1][3] == "s"]
     assert shared_writable == []
+
+
+# -- errors keep their section and line -----------------------------------------
+
+def test_an_error_message_with_a_lone_surrogate_is_reported(host):
+    outcome = attempt(host, "x = 1\nraise ValueError('bad ' + chr(0xD800))")
+    assert_refused(outcome, "ValueError")
+    assert (outcome.error.line, outcome.error.message) == (2, "bad \\ud800")
+
+
+def test_call_arguments_too_large_for_a_frame_fail_at_their_line(host):
+    outcome = attempt(host, "x = 1\ncall('ping', blob='m' * 300_000)")
+    assert_refused(outcome, "LimitExceeded")
+    assert outcome.error.line == 2
+    assert outcome.error.message.startswith(
+        "the call's arguments are too large to send: 300")
+    assert outcome.error.message.endswith(
+        f"more than {LIMITS.frame_bytes} (frame_bytes)")
+    assert outcome.calls == []

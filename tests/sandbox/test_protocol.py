@@ -222,7 +222,8 @@ def start_frame(**changes):
              "code": {"filename": "p.policy", "schedule": b"", "conditions": [],
                       "apply": b""},
              "now": "2026-01-01T00:00:00", "fixed_clock": False,
-             "max_calls": 10, "output_bytes": 100, "test_builtins": False}
+             "max_calls": 10, "output_bytes": 100, "frame_bytes": 65536,
+             "test_builtins": False}
     frame.update(changes)
     return frame
 

@@ -386,6 +386,11 @@ class _Run:
                 self.kill()
                 return ProtocolViolation(f"the channel failed: {exc}")
             self.frames += 1
+            if self.chan.received_bytes > self.limits.channel_bytes:
+                self.kill()
+                return LimitExceeded(
+                    f"the child sent more than {self.limits.channel_bytes}"
+                    " bytes in one run", limit="channel_bytes")
             kind = frame["t"]
             if kind == "call":
                 error = self._call(frame)

@@ -27,6 +27,9 @@ class RunLimits:
     output_bytes: int = 64 * 1024
     # Largest frame the host accepts from the child.
     frame_bytes: int = 256 * 1024
+    # All frames from the child in one run: what the manager holds for it
+    # (calls and output are kept until the run ends).
+    channel_bytes: int = 8 * MIB
     # Kernel layers; each is skipped (and reported once) where unavailable.
     seccomp: bool = True
     landlock: bool = True
@@ -66,6 +69,7 @@ _BOUNDS = (
     ("max_calls", 0, 1 << 31),
     ("output_bytes", 0, 1 << 31),
     ("frame_bytes", 1024, 1 << 30),
+    ("channel_bytes", 1024, 1 << 34),
 )
 MAX_WALL_S = 24 * 3600
 

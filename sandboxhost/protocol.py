@@ -150,6 +150,8 @@ class Channel:
         self.sock = None if isinstance(conn, int) else conn
         self._buf = bytearray()
         self._eof = False
+        # Bytes read so far (the host caps what one run may send).
+        self.received_bytes = 0
 
     def fileno(self) -> int:
         return self._fd if self.sock is None else self.sock.fileno()
@@ -226,6 +228,7 @@ class Channel:
                 chunk = b""
             if not chunk:
                 self._eof = True
+            self.received_bytes += len(chunk)
             self._buf += chunk
         data = bytes(self._buf[:size])
         del self._buf[:size]

@@ -701,3 +701,14 @@ def test_call_arguments_too_large_for_a_frame_fail_at_their_line(host):
     assert outcome.error.message.endswith(
         f"more than {LIMITS.frame_bytes} (frame_bytes)")
     assert outcome.calls == []
+
+
+def test_what_one_run_may_send_in_all_is_bounded(host):
+    # Each frame is within frame_bytes; together they would make the
+    # manager hold far more than a run needs.
+    outcome = attempt(host, "for i in range(40):\n"
+                            "    call('ping', blob='m' * 50_000)",
+                      limits=LIMITS.replace(channel_bytes=1024 * 1024))
+    assert isinstance(outcome.error, LimitExceeded), outcome
+    assert outcome.error.limit == "channel_bytes"
+    assert 15 <= len(outcome.calls) <= 21

@@ -154,7 +154,6 @@ class _Job:
         self.exit_signal: int | None = None
         self.cpu_s = 0.0
         self.zygote_died = False
-        self.forked = threading.Event()
         self.exited = threading.Event()
 
 
@@ -236,10 +235,8 @@ class _Zygote:
             return
         if kind == zygote.REP_FORKED:
             job.pid = pid
-            job.forked.set()
         elif kind == zygote.REP_FORK_FAILED:
             job.fork_error = f"fork: {os.strerror(value)}"
-            job.forked.set()
             job.exited.set()
         elif kind == zygote.REP_EXIT:
             if code > 0:
@@ -248,7 +245,6 @@ class _Zygote:
             job.exit_code = code if code >= 0 else None
             job.exit_signal = signo or None
             job.cpu_s = value / 1e6
-            job.forked.set()
             job.exited.set()
 
     def _mark_dead(self) -> None:
@@ -258,7 +254,6 @@ class _Zygote:
             self._jobs.clear()
         for job in jobs:
             job.zygote_died = True
-            job.forked.set()
             job.exited.set()
 
     # -- requests ------------------------------------------------------------

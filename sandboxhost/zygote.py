@@ -54,7 +54,6 @@ CHILD_FD = _forkserver.CHILD_FD
 # A child that could not apply its limits exits with this and never runs
 # policy code; the reason goes to the zygote's stderr.
 EXIT_SETUP_FAILED = _forkserver.EXIT_SETUP_FAILED
-CONTROL_MESSAGE_MAX_BYTES = 64 * 1024
 
 # The control records, as _forkserver.c lays them out.
 FORK_REQUEST = struct.Struct("=IIqqqqii")   # type, flags, id, memory_bytes,

@@ -23,7 +23,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sandboxhost.errors import PolicySyntaxError
-from sandboxhost.language import check
 
 from manager.errors import ConfigurationError, StoreError
 from manager.runner import (LoadedPolicy, PolicyLoadError, PolicyRunner,
@@ -118,11 +117,6 @@ class Registry:
             # survives a restart of the manager: a new text is stored only
             # once it checks and its schedule section gives a schedule.
             keeps = "; its last good version keeps running" if stored else ""
-            problems = check(source, str(path))
-            if problems:
-                self._report(name, "\n".join(str(p) for p in problems)
-                             + keeps)
-                continue
             try:
                 loaded = self.runner.load(source, str(path), name=name,
                                           tenant=self.tenants.get(tenant))

@@ -147,8 +147,12 @@ def _print_violations(violations) -> None:
 
 
 def _cmd_check(args: argparse.Namespace) -> int:
-    """Check policy files; print every violation."""
+    """Check policy files; print every violation, then every warning (an
+    attribute nothing has: a likely typo). Warnings do not fail."""
+    from sandboxhost.lint import lint
+
     found: list[Violation] = []
+    warnings: list[Violation] = []
     unreadable = False
     for name in args.files:
         try:
@@ -157,11 +161,14 @@ def _cmd_check(args: argparse.Namespace) -> int:
             print(f"{name}: cannot read: {exc.strerror}", file=sys.stderr)
             unreadable = True
             continue
-        found.extend(language.check(source, name))
+        problems = language.check(source, name)
+        found.extend(problems)
+        if not problems:
+            warnings.extend(lint(source, name))
     if args.format == "json":
-        print(json.dumps([v.as_dict() for v in found], indent=2))
+        print(json.dumps([v.as_dict() for v in found + warnings], indent=2))
     else:
-        _print_violations(found)
+        _print_violations(found + warnings)
     if unreadable:
         return EXIT_USAGE
     return EXIT_FAILED if found else EXIT_OK

@@ -153,7 +153,17 @@ def check(source: str | bytes, filename: str = "<policy>") -> list[Violation]:
     return _run(source, filename)[0]
 
 
-def _run(source: str | bytes, filename: str
+def checked_trees(source: str | bytes, filename: str = "<policy>"
+                  ) -> list[tuple[str, list[ast.stmt]]] | None:
+    """Each section's checked statements, for further reading (lint);
+    None when the policy has violations."""
+    trees: list[tuple[str, list[ast.stmt]]] = []
+    violations, _policy = _run(source, filename, trees)
+    return None if violations else trees
+
+
+def _run(source: str | bytes, filename: str,
+         trees: list | None = None
          ) -> tuple[list[Violation], CompiledPolicy | None]:
     text, report = _normalise(source, filename)
     if report.violations:
@@ -164,7 +174,7 @@ def _run(source: str | bytes, filename: str
     layout = _layout(lines, report)
     if report.violations:
         return report.violations, None
-    policy = _compile_sections(text, layout, report)
+    policy = _compile_sections(text, layout, report, trees)
     report.violations.sort(key=lambda v: (v.line, v.column))
     return report.violations, policy
 
@@ -373,8 +383,8 @@ def _report_empty(section: _Section, report: _Report) -> None:
 
 # -- sections ----------------------------------------------------------------
 
-def _compile_sections(text: str, sections: list[_Section],
-                      report: _Report) -> CompiledPolicy | None:
+def _compile_sections(text: str, sections: list[_Section], report: _Report,
+                      trees: list | None = None) -> CompiledPolicy | None:
     rows = text.split("\n")
     schedule = None
     conditions: list[CodeType] = []
@@ -391,6 +401,8 @@ def _compile_sections(text: str, sections: list[_Section],
         _Checker(section.name, report).check_body(body)
         if len(report.violations) != before:
             continue
+        if trees is not None:
+            trees.append((section.name, body))
         code = _compile_body(section.name, body, report)
         if section.name == "schedule":
             schedule = code

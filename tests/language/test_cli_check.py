@@ -66,3 +66,40 @@ def test_missing_file_is_a_usage_error(tmp_path):
     result = cmpolicy("check", str(tmp_path / "missing.policy"))
     assert result.returncode == 2
     assert "cannot read" in result.stderr
+
+
+TYPO = """\
+policy:
+    schedule:
+        crontab(minute="*/10")
+    condition:
+        stats.mean_waittime(interval=datetime.timedelta(hours=1)) > 60
+    apply:
+        w = workers["w1@node1"]
+        w.subprocesses.incremnt()
+        print(now().isoformat(), w.prefetch.get(), "x".upper())
+"""
+
+
+def test_an_attribute_nothing_has_is_a_warning_with_a_suggestion(tmp_path):
+    path = tmp_path / "typo.policy"
+    path.write_text(TYPO)
+    result = cmpolicy("check", str(path))
+    assert result.returncode == 0
+    assert result.stdout.splitlines() == [
+        f"{path}:8:24: warning: no value in a policy has an attribute"
+        " 'incremnt'; did you mean 'increment'?",
+        "    w.subprocesses.incremnt()",
+    ]
+    result = cmpolicy("check", "--format", "json", str(path))
+    [warning] = json.loads(result.stdout)
+    assert (warning["severity"], warning["section"], warning["line"],
+            warning["column"]) == ("warning", "apply", 8, 24)
+
+
+def test_a_file_with_errors_gets_no_warnings(tmp_path):
+    path = tmp_path / "both.policy"
+    path.write_text(TYPO + "        import os\n")
+    result = cmpolicy("check", str(path))
+    assert result.returncode == 1
+    assert "warning" not in result.stdout

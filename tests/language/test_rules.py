@@ -330,3 +330,15 @@ def test_fstring_attribute_is_checked_like_code():
 def test_every_violation_is_reported_at_once():
     code = "import os\n        x = eval\n        y = z._a\n        del q"
     assert len(apply_errors(code)) == 4
+
+
+def test_lint_knows_every_name_the_api_and_value_types_offer():
+    from sandboxhost.lint import known_attributes
+    known = known_attributes()
+    for name in ("increment", "decrement", "get", "subprocesses", "prefetch",
+                 "queues", "add", "remove", "names", "all", "rate_limit",
+                 "acks_late", "tasks_failed", "mean_waittime", "length",
+                 "timedelta", "total_seconds", "isoformat", "upper",
+                 "strftime", "tm_hour", "sqrt"):
+        assert name in known, name
+    assert "incremnt" not in known

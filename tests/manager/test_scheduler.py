@@ -61,6 +61,20 @@ def setup(host, tmp_path):
     return make
 
 
+EVERY_10_S = EVERY_MINUTE.replace("crontab()", "every(seconds=10)")
+
+
+def from_folder(setup, tmp_path):
+    """A manager keeping in step with a folder that holds grow.policy."""
+    folder = tmp_path / "policies"
+    folder.mkdir()
+    path = folder / "grow.policy"
+    path.write_text(EVERY_MINUTE)
+    scheduler, store, cluster, clock = setup(policies_dir=folder)
+    scheduler.step()
+    return folder, path, scheduler, store, cluster, clock
+
+
 def test_a_policy_runs_when_due_and_not_before(setup):
     scheduler, store, cluster, clock = setup()
     store.upsert_policy("grow", EVERY_MINUTE, now=START.timestamp())
@@ -80,8 +94,7 @@ def test_a_frequent_policy_runs_on_time_beside_a_slower_one(setup):
     # The next scan was set from the policies not running at the time, so
     # one that had just run waited for the slower one's next minute.
     scheduler, store, cluster, clock = setup()
-    often = EVERY_MINUTE.replace("crontab()", "every(seconds=10)")
-    store.upsert_policy("often", often, now=START.timestamp())
+    store.upsert_policy("often", EVERY_10_S, now=START.timestamp())
     store.upsert_policy("minutely", EVERY_MINUTE, now=START.timestamp())
     ran = []
     for _ in range(9):
@@ -95,8 +108,7 @@ def test_a_policy_due_while_it_still_runs_runs_after(setup):
     # Due again while its run is in progress: picked up once it ends, not
     # at some other policy's next time.
     scheduler, store, cluster, clock = setup()
-    often = EVERY_MINUTE.replace("crontab()", "every(seconds=10)")
-    store.upsert_policy("often", often, now=START.timestamp())
+    store.upsert_policy("often", EVERY_10_S, now=START.timestamp())
     store.upsert_policy("hourly", EVERY_MINUTE.replace(
         "crontab()", "crontab(minute=0)"), now=START.timestamp())
     clock.advance(seconds=10)
@@ -144,14 +156,10 @@ def test_a_policy_killed_for_its_wall_time_is_recorded(setup):
 
 def test_invalid_file_is_reported_and_last_good_version_kept(setup, tmp_path,
                                                              caplog):
-    folder = tmp_path / "policies"
-    folder.mkdir()
-    (folder / "grow.policy").write_text(EVERY_MINUTE)
-    scheduler, store, cluster, clock = setup(policies_dir=folder)
-    scheduler.step()
+    folder, path, scheduler, store, cluster, clock = from_folder(setup,
+                                                                 tmp_path)
     clock.advance(minutes=1)
     assert len(scheduler.run_due_once()) == 1
-    path = folder / "grow.policy"
     path.write_text(EVERY_MINUTE.replace("prefetch.increment()",
                                          "prefetch.increment(\n"))
     clock.advance(minutes=1)
@@ -166,12 +174,8 @@ def test_invalid_file_is_reported_and_last_good_version_kept(setup, tmp_path,
 
 def test_a_file_whose_schedule_fails_keeps_the_good_version(setup, tmp_path,
                                                             caplog):
-    folder = tmp_path / "policies"
-    folder.mkdir()
-    path = folder / "grow.policy"
-    path.write_text(EVERY_MINUTE)
-    scheduler, store, cluster, clock = setup(policies_dir=folder)
-    scheduler.step()
+    folder, path, scheduler, store, cluster, clock = from_folder(setup,
+                                                                 tmp_path)
     # Checks, but its schedule section raises in the child.
     path.write_text(EVERY_MINUTE.replace("crontab()", "crontab(minute=1 / 0)"))
     clock.advance(minutes=1)
@@ -191,12 +195,8 @@ def test_a_file_whose_schedule_fails_keeps_the_good_version(setup, tmp_path,
 
 
 def test_edited_and_removed_files_are_picked_up(setup, tmp_path):
-    folder = tmp_path / "policies"
-    folder.mkdir()
-    path = folder / "grow.policy"
-    path.write_text(EVERY_MINUTE)
-    scheduler, store, cluster, clock = setup(policies_dir=folder)
-    scheduler.step()
+    folder, path, scheduler, store, cluster, clock = from_folder(setup,
+                                                                 tmp_path)
     clock.advance(minutes=1)
     scheduler.run_due_once()
     path.write_text(EVERY_MINUTE.replace("prefetch.increment()",

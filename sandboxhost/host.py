@@ -264,7 +264,7 @@ class _Zygote:
         uid, gid = user if user is not None else (-1, -1)
         flags = ((zygote.FLAG_SECCOMP if limits.seccomp else 0)
                  | (zygote.FLAG_LANDLOCK if limits.landlock else 0))
-        request = zygote.FORK_REQUEST.pack(
+        request = zygote.REQUEST.pack(
             zygote.REQ_FORK, flags, job.id, limits.memory_bytes,
             limits.cpu_time_s, limits.open_files, uid, gid)
         with self._lock:
@@ -289,7 +289,7 @@ class _Zygote:
         if job.exited.is_set():
             return
         try:
-            self.control.send(zygote.FORK_REQUEST.pack(
+            self.control.send(zygote.REQUEST.pack(
                 zygote.REQ_KILL, 0, job.id, 0, 0, 0, -1, -1))
         except OSError:
             pass   # the zygote is gone; its death signal kills the child

@@ -14,7 +14,7 @@ writes costs it a copy-on-write fault, and a Python loop writes many. Its
 first message, the capabilities, is a msgpack map sent from here:
 
     zygote -> host  {"t": "caps", ...}                once, at start
-    host -> zygote  FORK_REQUEST (+ the child's channel fd), KILL_REQUEST
+    host -> zygote  REQUEST: fork (+ the child's channel fd), or kill
     zygote -> host  REPORT: forked, fork failed, or exit
 
 A child returns from the loop into Python already hardened, with its
@@ -56,11 +56,11 @@ CHILD_FD = _forkserver.CHILD_FD
 EXIT_SETUP_FAILED = _forkserver.EXIT_SETUP_FAILED
 
 # The control records, as _forkserver.c lays them out.
-FORK_REQUEST = struct.Struct("=IIqqqqii")   # type, flags, id, memory_bytes,
+REQUEST = struct.Struct("=IIqqqqii")   # type, flags, id, memory_bytes,
 #                                             cpu_time_s, open_files, uid, gid
 REPORT = struct.Struct("=Iiqiiq")           # type, pid, id, code, signal,
 #                                             cpu_us or errno
-assert FORK_REQUEST.size == _forkserver.REQUEST_BYTES
+assert REQUEST.size == _forkserver.REQUEST_BYTES
 assert REPORT.size == _forkserver.REPORT_BYTES
 REQ_FORK = _forkserver.REQ_FORK
 REQ_KILL = _forkserver.REQ_KILL

@@ -443,7 +443,7 @@ def test_the_template_answers_a_fork_request_without_a_channel():
         job = _Job(10_000)
         with zyg._lock:
             zyg._jobs[job.id] = job
-        zyg.control.send(zygote.FORK_REQUEST.pack(
+        zyg.control.send(zygote.REQUEST.pack(
             zygote.REQ_FORK, 0, job.id, 64 << 20, 1, 8, -1, -1))
         assert job.exited.wait(5)
         assert job.fork_error == f"fork: {os.strerror(errno.EBADF)}"
